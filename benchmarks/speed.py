@@ -1,0 +1,661 @@
+"""Encode/decode speed of dlwsi on 512x512 RGB chunks, side by side with JPEG, JPEG-XL, AVIF.
+
+All codecs run on the same tiles in one process: N tissue-rich 512x512 crops, chosen
+deterministically from the held-out validation images (``VALIDATION_FILES`` in
+``numcodecs_dlwsi.train.data``; never pixels the model was trained on).
+
+dlwsi is timed end to end through ``encode_batch`` / ``decode_batch`` (``--batch`` chunks
+per call), and stage by stage by running the same pipeline with each package function
+timed on its own: analysis transform, integer hyper-synthesis, rANS encoding; rANS
+decoding of z, hyper-synthesis, rANS decoding of y, synthesis transform. ``decode_latents``
+(entropy decoding including the hyper-synthesis) is also timed as a whole. The stage run's
+chunks and images are checked to equal the end-to-end ones.
+
+The ONNX execution provider follows ``$DLWSI_PROVIDER`` (auto|cpu|cuda) and
+``$DLWSI_THREADS`` exactly as the codec does, so the same command measures CUDA on a GPU
+machine. Baselines are libjpeg-turbo, libjxl and libavif through imagecodecs, one chunk per
+call (``--baseline-threads`` threads each for JPEG-XL and AVIF; libjpeg-turbo is single
+threaded).
+
+Example::
+
+    python benchmarks/speed.py --tiles 16 --repeat 3 --batch 8 --json speed.json
+    DLWSI_PROVIDER=cuda python benchmarks/speed.py --batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import imagecodecs
+except ImportError:  # pragma: no cover - the bench extra installs it
+    sys.exit("benchmarks/speed.py needs imagecodecs: pip install 'numcodecs-dlwsi[bench]'")
+
+from numcodecs_dlwsi import runtime
+from numcodecs_dlwsi.bitstream import ChunkHeader, Layout, pack, unpack
+from numcodecs_dlwsi.entropy_coding import LatentDecoder, encode_latents
+from numcodecs_dlwsi.image_codec import (
+    FIXED_ONE,
+    as_chw,
+    batches,
+    decode_batch,
+    decode_latents,
+    encode_batch,
+    entropy_parameters,
+    padded_size,
+)
+from numcodecs_dlwsi.model_store import (
+    ModelNotAvailableError,
+    ModelRef,
+    default_model,
+    default_quality,
+    load,
+    qualities,
+    resolve,
+)
+from numcodecs_dlwsi.train.data import VALIDATION_FILES, default_data_root, read_image
+
+TILE = 512
+#: A pixel darker than this (Rec. 601 luma) counts as tissue rather than bright glass.
+GLASS_LUMA = 220.0
+
+ENCODE_STAGES = ("prepare", "analysis", "hyper_synthesis", "entropy_encode")
+DECODE_STAGES = ("entropy_decode_z", "hyper_synthesis", "entropy_decode_y", "synthesis",
+                 "finish")
+STAGE_HELP = {
+    "prepare": "pad, stack, uint8 -> float32",
+    "analysis": "runtime.analysis (ONNX g_a + h_a)",
+    "hyper_synthesis": "integer h_s + scale levels (entropy_parameters)",
+    "entropy_encode": "rounding, encode_latents (rANS), pack",
+    "entropy_decode_z": "unpack, LatentDecoder.decode_z",
+    "entropy_decode_y": "LatentDecoder.decode_y, y_hat = y + mean",
+    "synthesis": "runtime.synthesis (ONNX g_s)",
+    "finish": "stack, round to uint8, crop",
+}
+
+
+# ------------------------------------------------------------------------------ tiles
+
+
+def _offsets(length: int, size: int) -> list[int]:
+    """Crop origins along one axis: about half-overlapping, the last flush with the edge."""
+    if length < size:
+        return []
+    n = -(-(length - size) // (size // 2)) + 1
+    if n == 1:
+        return [0]
+    return sorted({round(i * (length - size) / (n - 1)) for i in range(n)})
+
+
+def _tissue_fraction(tile: np.ndarray) -> float:
+    luma = tile[..., 0] * 0.299 + tile[..., 1] * 0.587 + tile[..., 2] * 0.114
+    return float((luma < GLASS_LUMA).mean())
+
+
+def _ranked_crops(image: np.ndarray, size: int
+                  ) -> tuple[list[tuple[int, int, float]], list[tuple[int, int, float]]]:
+    """(y, x, tissue fraction) of mutually non-overlapping crops picked greedily most tissue
+    first, then of the remaining (overlapping) crops, most tissue first."""
+    crops = []
+    for y in _offsets(image.shape[0], size):
+        for x in _offsets(image.shape[1], size):
+            tile = image[y : y + size, x : x + size]
+            crops.append((y, x, _tissue_fraction(tile), float(tile.mean())))
+    crops.sort(key=lambda c: (-c[2], c[3], c[0], c[1]))
+    first, rest = [], []
+    for crop in crops:
+        overlaps = any(abs(crop[0] - p[0]) < size and abs(crop[1] - p[1]) < size
+                       for p in first)
+        (rest if overlaps else first).append(crop)
+    return [c[:3] for c in first], [c[:3] for c in rest]
+
+
+def select_tiles(root: Path, count: int, size: int = TILE
+                 ) -> tuple[list[np.ndarray], list[dict]]:
+    """``count`` crops (3, size, size) from the validation images.
+
+    Round-robin over the images in the order of ``VALIDATION_FILES``: first each image's
+    non-overlapping crops (most tissue first), then, only if more are needed, crops that
+    overlap those.
+    """
+    per_image = []
+    for rel in VALIDATION_FILES:
+        path = root / rel
+        if path.suffix.lower() == ".svs" or not path.exists():
+            continue
+        image = read_image(path)
+        if min(image.shape[:2]) < size:
+            continue
+        per_image.append((rel, image, _ranked_crops(image, size)))
+    tiles, sources = [], []
+    for phase in (0, 1):
+        rounds = max((len(crops[phase]) for _, _, crops in per_image), default=0)
+        for round_ in range(rounds):
+            for rel, image, crops in per_image:
+                if len(tiles) == count:
+                    return tiles, sources
+                if round_ < len(crops[phase]):
+                    y, x, frac = crops[phase][round_]
+                    tiles.append(np.ascontiguousarray(
+                        image[y : y + size, x : x + size].transpose(2, 0, 1)))
+                    sources.append({"file": rel, "y": y, "x": x,
+                                    "tissue_fraction": round(frac, 3), "overlaps": bool(phase)})
+    return tiles, sources
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class Stopwatch:
+    """Accumulates wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+def psnr(originals: list[np.ndarray], decoded: list[np.ndarray]) -> float:
+    """PSNR of the whole tile set (pooled MSE), in dB."""
+    se = sum(float(np.sum((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+             for a, b in zip(originals, decoded, strict=True))
+    mse = se / sum(a.size for a in originals)
+    return float("inf") if mse == 0 else 10.0 * float(np.log10(255.0**2 / mse))
+
+
+def bpp(chunks: list[bytes], pixels: int) -> float:
+    return 8.0 * sum(len(c) for c in chunks) / pixels
+
+
+def summarize(samples: list[float], stat: str) -> float:
+    return min(samples) if stat == "best" else statistics.median(samples)
+
+
+# ----------------------------------------------------------------------------- dlwsi
+
+
+def encode_stages(tiles: list[np.ndarray], ref: ModelRef, batch: int, watch: Stopwatch
+                  ) -> list[bytes]:
+    """``image_codec.encode_batch`` (same-size tiles, ``batch`` per call), stage by stage."""
+    chunks: list[bytes] = []
+    for start in range(0, len(tiles), batch):
+        chunks += _encode_call(tiles[start : start + batch], ref, watch)
+    return chunks
+
+
+def _encode_call(images: list[np.ndarray], ref: ModelRef, watch: Stopwatch) -> list[bytes]:
+    with watch("prepare"):
+        prepared = [as_chw(image) for image in images]
+        model = load(ref)
+        medians = model.z_medians_fixed / FIXED_ONE
+        height, width = prepared[0][0].shape[1:]
+        if any(chw.shape[1:] != (height, width) for chw, _ in prepared):
+            raise ValueError("the stage timing assumes tiles of one size")
+        ph, pw = padded_size(height), padded_size(width)
+    chunks: list[bytes] = []
+    for members in batches(list(range(len(prepared))), ph * pw):
+        with watch("prepare"):
+            x = np.stack([np.pad(prepared[i][0], ((0, 0), (0, ph - height), (0, pw - width)),
+                                 mode="edge") for i in members]).astype(np.float32) / 255.0
+        with watch("analysis"):
+            y, z = runtime.analysis(ref, x)
+        with watch("hyper_synthesis"):
+            z_symbols = np.rint(z - medians[None, :, None, None])
+            levels, means = entropy_parameters(model, z_symbols)
+        with watch("entropy_encode"):
+            y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
+            for k, i in enumerate(members):
+                payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
+                                         y_symbols[k], levels[k], model.y_tables)
+                header = ChunkHeader(quality=ref.quality, model_id=ref.model,
+                                     model_hash_prefix=ref.hash_prefix, height=height,
+                                     width=width, layout=prepared[i][1])
+                chunks.append(pack(header, payload))
+    return chunks
+
+
+def decode_stages(chunks: list[bytes], ref: ModelRef, batch: int, watch: Stopwatch
+                  ) -> list[np.ndarray]:
+    """``image_codec.decode_batch`` (``batch`` chunks per call), stage by stage."""
+    images: list[np.ndarray] = []
+    for start in range(0, len(chunks), batch):
+        images += _decode_call(chunks[start : start + batch], ref, watch)
+    return images
+
+
+def _decode_call(chunks: list[bytes], ref: ModelRef, watch: Stopwatch) -> list[np.ndarray]:
+    model = load(ref)
+    headers, decoders, z_symbols = [], [], []
+    with watch("entropy_decode_z"):
+        for chunk in chunks:
+            header, payload = unpack(chunk)
+            hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
+            decoder = LatentDecoder(payload)
+            z_symbols.append(decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables))
+            headers.append(header)
+            decoders.append(decoder)
+        if len({z.shape for z in z_symbols}) != 1:
+            raise ValueError("the stage timing assumes chunks of one size")
+    with watch("hyper_synthesis"):
+        levels, means = entropy_parameters(model, np.stack(z_symbols).astype(np.float64))
+    with watch("entropy_decode_y"):
+        y_hat = [(decoder.decode_y(levels[k], model.y_tables) + means[k] / FIXED_ONE
+                  ).astype(np.float32) for k, decoder in enumerate(decoders)]
+    images: list[np.ndarray] = []
+    shape = y_hat[0].shape
+    for members in batches(list(range(len(chunks))), shape[1] * shape[2] * 256):
+        with watch("finish"):
+            stacked = np.stack([y_hat[i] for i in members])
+        with watch("synthesis"):
+            x_hat = runtime.synthesis(ref, stacked)
+        with watch("finish"):
+            pixels = np.rint(x_hat).astype(np.uint8)
+            for k, i in enumerate(members):
+                header = headers[i]
+                chw = pixels[k, :, : header.height, : header.width]
+                image = chw if header.layout is Layout.CHW else chw.transpose(1, 2, 0)
+                images.append(np.ascontiguousarray(image))
+    return images
+
+
+def _in_batches(fn: Callable[[list, ModelRef], list], items: list, ref: ModelRef,
+                batch: int) -> list:
+    out: list = []
+    for start in range(0, len(items), batch):
+        out += fn(items[start : start + batch], ref)
+    return out
+
+
+def _timed(fn: Callable, *args: object) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - start, result
+
+
+def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int, stat: str
+                ) -> dict:
+    pixels = sum(t.shape[1] * t.shape[2] for t in tiles)
+    megapixels = pixels / 1e6
+    # Cold start: reading + hashing the model file, building the ONNX sessions.
+    load.cache_clear()
+    runtime.session.cache_clear()
+    cold_encode, warm_chunks = _timed(encode_batch, tiles[:batch], ref)
+    cold_decode, _ = _timed(decode_batch, warm_chunks, ref)
+    if len(tiles) % batch:  # warm the last, smaller batch shape too (cuDNN tunes per shape)
+        decode_batch(encode_batch(tiles[-(len(tiles) % batch) :], ref), ref)
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat):
+        seconds, chunks = _timed(_in_batches, encode_batch, tiles, ref, batch)
+        samples["encode"].append(seconds)
+        seconds, images = _timed(_in_batches, decode_batch, chunks, ref, batch)
+        samples["decode"].append(seconds)
+        seconds, _ = _timed(_in_batches, decode_latents, chunks, ref, batch)
+        samples["decode_latents"].append(seconds)
+
+        watch = Stopwatch()
+        stage_chunks = encode_stages(tiles, ref, batch, watch)
+        for stage in ENCODE_STAGES:
+            samples["encode." + stage].append(watch.seconds[stage])
+        watch = Stopwatch()
+        stage_images = decode_stages(chunks, ref, batch, watch)
+        for stage in DECODE_STAGES:
+            samples["decode." + stage].append(watch.seconds[stage])
+
+    # The stage-by-stage run must reproduce the package's output exactly.
+    consistent = stage_chunks == chunks and all(
+        np.array_equal(a, b) for a, b in zip(stage_images, images, strict=True))
+    seconds = {name: summarize(values, stat) for name, values in samples.items()}
+    return {
+        "codec": f"dlwsi q{ref.quality}",
+        "model": ref.model,
+        "quality": ref.quality,
+        "sha256": ref.sha256,
+        "batch": batch,
+        "encode_mps": megapixels / seconds["encode"],
+        "decode_mps": megapixels / seconds["decode"],
+        "bpp": bpp(chunks, pixels),
+        "psnr_db": psnr(tiles, images),
+        "seconds": seconds,
+        "samples": dict(samples),
+        "cold_start_s": {"first_encode_batch": cold_encode, "first_decode_batch": cold_decode},
+        "stages_match_end_to_end": bool(consistent),
+    }
+
+
+# ------------------------------------------------------------------------- baselines
+
+
+def baseline_codecs(args: argparse.Namespace) -> dict[str, tuple[Callable, Callable, dict]]:
+    """name -> (encode(hwc) -> bytes, decode(bytes) -> hwc, settings)."""
+    codecs: dict[str, tuple[Callable, Callable, dict]] = {}
+    threads = args.baseline_threads
+    if imagecodecs.JPEG8.available:
+        jpeg = {"level": args.jpeg_quality}
+        if args.jpeg_subsampling:
+            jpeg["subsampling"] = args.jpeg_subsampling
+        codecs[f"JPEG q{args.jpeg_quality}"] = (
+            lambda a: imagecodecs.jpeg_encode(a, **jpeg), imagecodecs.jpeg_decode,
+            {"library": "libjpeg-turbo", **jpeg})
+    if imagecodecs.JPEGXL.available:
+        jxl = {"distance": args.jxl_distance, "effort": args.jxl_effort, "numthreads": threads}
+        codecs[f"JPEG-XL d{args.jxl_distance:g}"] = (
+            lambda a: imagecodecs.jpegxl_encode(a, **jxl),
+            lambda b: imagecodecs.jpegxl_decode(b, numthreads=threads),
+            {"library": "libjxl", **jxl})
+    if imagecodecs.AVIF.available and not args.no_avif:
+        avif = {"level": args.avif_quality, "speed": args.avif_speed, "numthreads": threads}
+        codecs[f"AVIF q{args.avif_quality}"] = (
+            lambda a: imagecodecs.avif_encode(a, **avif),
+            lambda b: imagecodecs.avif_decode(b, numthreads=threads),
+            {"library": "libavif", **avif})
+    return codecs
+
+
+def _encode_all(encode: Callable, tiles: list[np.ndarray]) -> list[bytes]:
+    return [bytes(encode(t)) for t in tiles]
+
+
+def _decode_all(decode: Callable, chunks: list[bytes]) -> list[np.ndarray]:
+    return [decode(c) for c in chunks]
+
+
+def bench_baseline(name: str, encode: Callable, decode: Callable, settings: dict,
+                   tiles_hwc: list[np.ndarray], repeat: int, stat: str) -> dict:
+    pixels = sum(t.shape[0] * t.shape[1] for t in tiles_hwc)
+    decode(encode(tiles_hwc[0]))  # warm-up
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat):
+        seconds, chunks = _timed(_encode_all, encode, tiles_hwc)
+        samples["encode"].append(seconds)
+        seconds, images = _timed(_decode_all, decode, chunks)
+        samples["decode"].append(seconds)
+    for tile, image in zip(tiles_hwc, images, strict=True):
+        if image.shape != tile.shape or image.dtype != np.uint8:
+            raise RuntimeError(f"{name} decoded {image.shape} {image.dtype}, "
+                               f"expected {tile.shape} uint8")
+    seconds = {k: summarize(v, stat) for k, v in samples.items()}
+    return {
+        "codec": name,
+        "settings": settings,
+        "encode_mps": pixels / 1e6 / seconds["encode"],
+        "decode_mps": pixels / 1e6 / seconds["decode"],
+        "bpp": bpp(chunks, pixels),
+        "psnr_db": psnr(tiles_hwc, images),
+        "seconds": seconds,
+        "samples": dict(samples),
+    }
+
+
+# ---------------------------------------------------------------------------- device
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def gpu_names() -> list[str]:
+    try:
+        result = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                                 "--format=csv,noheader"], capture_output=True, text=True,
+                                timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in result.stdout.splitlines() if line.strip()]
+
+
+def device_info(ref: ModelRef) -> dict:
+    import onnxruntime as ort
+
+    providers, threads = runtime.execution_providers(), runtime.intra_op_threads()
+    used = {graph: runtime.session(ref, graph, providers, threads).get_providers()
+            for graph in ("analysis", "synthesis")}
+    info = {
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "providers_requested": list(providers),
+        "providers_used": used,
+        "DLWSI_PROVIDER": os.environ.get(runtime.ENV_PROVIDER, "auto"),
+        "DLWSI_THREADS": os.environ.get(runtime.ENV_THREADS, "0 (onnxruntime default)"),
+        "imagecodecs": imagecodecs.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
+    if any("CUDAExecutionProvider" in p for p in used.values()):
+        info["gpu"] = gpu_names()
+    return info
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+DEFAULT = " (default: %(default)s)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="speed.py",
+        description="Benchmark dlwsi encode/decode speed on 512x512 RGB chunks against "
+                    "JPEG (libjpeg-turbo), JPEG-XL and AVIF, on the same held-out tiles.",
+        epilog="Environment: DLWSI_PROVIDER=auto|cpu|cuda and DLWSI_THREADS=N choose the "
+               "ONNX execution provider and its intra-op threads (as for the codec); "
+               "DLWSI_WEIGHTS adds weights folders; DLWSI_DATA overrides ../shared/data. "
+               "Speeds are megapixels per second (MP/s), bigger is faster; a ratio "
+               "dlwsi/X > 1 means dlwsi is faster than X.",
+    )
+    parser.add_argument("--model", default=None,
+                        help="dlwsi model id (default: the installed default model)")
+    parser.add_argument("--quality", nargs="+", default=None, metavar="Q",
+                        help="dlwsi quality level(s), or 'all' for every installed one "
+                             "(default: the model's default quality)")
+    parser.add_argument("--tiles", type=int, default=16, metavar="N",
+                        help="number of 512x512 tiles from the validation images" + DEFAULT)
+    parser.add_argument("--repeat", type=int, default=3, metavar="R",
+                        help="timed repetitions of every measurement" + DEFAULT)
+    parser.add_argument("--stat", choices=("median", "best"), default="median",
+                        help="which of the R timings to report" + DEFAULT)
+    parser.add_argument("--batch", type=int, default=8, metavar="B",
+                        help="chunks per dlwsi encode_batch/decode_batch call" + DEFAULT)
+    parser.add_argument("--single", action="store_true",
+                        help="also time dlwsi with one chunk per call, to show what "
+                             "batching buys")
+    parser.add_argument("--jpeg-quality", type=int, default=90,
+                        help="JPEG quality 1..100" + DEFAULT)
+    parser.add_argument("--jpeg-subsampling", choices=("444", "422", "420"), default=None,
+                        help="JPEG chroma subsampling (default: libjpeg-turbo's, 4:2:0)")
+    parser.add_argument("--jxl-distance", type=float, default=1.0,
+                        help="JPEG-XL Butteraugli distance, 0 = lossless, 1 = visually "
+                             "lossless (default: %(default)s)")
+    parser.add_argument("--jxl-effort", type=int, default=7,
+                        help="JPEG-XL encoder effort 1..9 (default: %(default)s, as libjxl)")
+    parser.add_argument("--avif-quality", type=int, default=80,
+                        help="AVIF quality 0..100, imagecodecs' level (default: %(default)s)")
+    parser.add_argument("--avif-speed", type=int, default=6,
+                        help="AVIF encoder speed 0 (slowest) .. 10 (fastest)" + DEFAULT)
+    parser.add_argument("--no-avif", action="store_true", help="skip AVIF")
+    parser.add_argument("--baseline-threads", type=int, default=1, metavar="T",
+                        help="threads per JPEG-XL/AVIF call (libjpeg-turbo is single "
+                             "threaded; dlwsi uses DLWSI_THREADS) (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="data root holding he/... (default: ../shared/data beside the "
+                             "repository, or $DLWSI_DATA)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="write all settings, timings and results to PATH")
+    args = parser.parse_args(argv)
+    for name in ("tiles", "repeat", "batch", "baseline_threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def resolve_refs(model: str | None, requested: list[str] | None) -> list[ModelRef]:
+    model = model or default_model()
+    if requested is None:
+        levels = [default_quality(model)]
+    elif [q.lower() for q in requested] == ["all"]:
+        levels = qualities(model)
+    else:
+        try:
+            levels = [int(q) for q in requested]
+        except ValueError:
+            raise ModelNotAvailableError(f"--quality takes integers or 'all', not "
+                                         f"{' '.join(requested)}") from None
+    return [resolve(model, q) for q in levels]
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    return f"{value:.{digits}f}" if np.isfinite(value) else "inf"
+
+
+def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines: list[dict],
+                 ratios: list[dict], args: argparse.Namespace) -> None:
+    print("device")
+    print(f"  cpu            {device['cpu']} ({device['logical_cpus']} logical CPUs, "
+          f"{device['usable_cpus']} usable)")
+    if "gpu" in device:
+        print(f"  gpu            {'; '.join(device['gpu']) or 'nvidia-smi unavailable'}")
+    used = device["providers_used"]
+    print(f"  onnxruntime    {device['onnxruntime']}: analysis {used['analysis']}, "
+          f"synthesis {used['synthesis']}")
+    print(f"  environment    DLWSI_PROVIDER={device['DLWSI_PROVIDER']} "
+          f"DLWSI_THREADS={device['DLWSI_THREADS']}")
+    files = sorted({s["file"] for s in sources})
+    overlapping = sum(s["overlaps"] for s in sources)
+    overlap = f", {overlapping} overlapping others" if overlapping else ""
+    print(f"tiles            {len(sources)} x {TILE}x{TILE} RGB from {len(files)} validation "
+          f"image(s){overlap}; {args.stat} of {args.repeat} run(s); dlwsi batch {args.batch}")
+    print()
+    print(f"{'codec':<22}{'enc MP/s':>10}{'dec MP/s':>10}{'bpp':>8}{'PSNR dB':>9}"
+          f"{'enc ms/tile':>13}{'dec ms/tile':>13}")
+    n = len(sources)
+    for row in dlwsi + baselines:
+        name = row["codec"] + (f" (b{row['batch']})" if "batch" in row else "")
+        print(f"{name:<22}{row['encode_mps']:>10.2f}{row['decode_mps']:>10.2f}"
+              f"{row['bpp']:>8.3f}{_fmt(row['psnr_db']):>9}"
+              f"{1e3 * row['seconds']['encode'] / n:>13.1f}"
+              f"{1e3 * row['seconds']['decode'] / n:>13.1f}")
+    for row in dlwsi:
+        s = row["seconds"]
+        print()
+        print(f"{row['codec']} (b{row['batch']}) stages, ms per tile "
+              f"[{'match' if row['stages_match_end_to_end'] else 'MISMATCH'} with "
+              f"end to end]")
+        for phase, stages in (("encode", ENCODE_STAGES), ("decode", DECODE_STAGES)):
+            total = sum(s[f"{phase}.{stage}"] for stage in stages)
+            print(f"  {phase:<20}{1e3 * s[phase] / n:>9.1f}   end to end "
+                  f"(stages sum to {1e3 * total / n:.1f})")
+            for stage in stages:
+                value = s[f"{phase}.{stage}"]
+                print(f"    {stage:<18}{1e3 * value / n:>9.1f}  {100 * value / total:>5.1f}%  "
+                      f"{STAGE_HELP[stage]}")
+        print(f"  {'decode_latents':<20}{1e3 * s['decode_latents'] / n:>9.1f}   package "
+              "function: entropy decoding incl. hyper-synthesis")
+        cold = row["cold_start_s"]
+        print(f"  cold start          first encode_batch {cold['first_encode_batch']:.2f} s, "
+              f"first decode_batch {cold['first_decode_batch']:.2f} s (load, ONNX sessions)")
+    if ratios:
+        print()
+        print("speed ratios dlwsi / baseline (>1: dlwsi faster)")
+        for r in ratios:
+            print(f"  {r['dlwsi']:<18} vs {r['baseline']:<16} encode {r['encode']:>7.3f}x"
+                  f"   decode {r['decode']:>7.3f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = args.data or default_data_root()
+    if not (root / "he").is_dir():
+        print(f"speed.py: no validation data at {root} (expected {root / 'he'}); put the "
+              "shared data beside the repository, set $DLWSI_DATA or pass --data",
+              file=sys.stderr)
+        return 2
+    try:
+        refs = resolve_refs(args.model, args.quality)
+        runtime.execution_providers()
+    except (ModelNotAvailableError, ValueError) as exc:
+        print(f"speed.py: {exc}", file=sys.stderr)
+        return 2
+
+    tiles, sources = select_tiles(root, args.tiles)
+    if not tiles:
+        print(f"speed.py: no validation image of at least {TILE}x{TILE} under {root}",
+              file=sys.stderr)
+        return 2
+    if len(tiles) < args.tiles:
+        print(f"speed.py: only {len(tiles)} distinct tiles available, using those",
+              file=sys.stderr)
+    tiles_hwc = [np.ascontiguousarray(t.transpose(1, 2, 0)) for t in tiles]
+
+    dlwsi = []
+    for ref in refs:
+        batches = [args.batch] + ([1] if args.single and args.batch != 1 else [])
+        for batch in batches:
+            print(f"timing dlwsi {ref.model} q{ref.quality} batch {batch} ...", file=sys.stderr)
+            dlwsi.append(bench_dlwsi(tiles, ref, batch, args.repeat, args.stat))
+    device = device_info(refs[0])
+
+    baselines = []
+    for name, (encode, decode, settings) in baseline_codecs(args).items():
+        print(f"timing {name} ...", file=sys.stderr)
+        baselines.append(bench_baseline(name, encode, decode, settings, tiles_hwc,
+                                        args.repeat, args.stat))
+
+    ratios = [{"dlwsi": f"{d['codec']} (b{d['batch']})", "baseline": b["codec"],
+               "encode": d["encode_mps"] / b["encode_mps"],
+               "decode": d["decode_mps"] / b["decode_mps"]}
+              for d in dlwsi for b in baselines]
+    print_report(device, sources, dlwsi, baselines, ratios, args)
+
+    if args.json:
+        report = {
+            "benchmark": "dlwsi speed, 512x512 RGB chunks",
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "settings": {k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in vars(args).items()},
+            "data_root": str(root),
+            "device": device,
+            "tiles": sources,
+            "megapixels": sum(t.shape[1] * t.shape[2] for t in tiles) / 1e6,
+            "stage_help": STAGE_HELP,
+            "dlwsi": dlwsi,
+            "baselines": baselines,
+            "ratios": ratios,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Bit-exact hyper-synthesis: the network that turns the hyper-latent into entropy parameters.
+
+Whatever feeds the entropy coder must be identical on every machine, or the decoder
+reads garbage. Float networks are not (summation order, FMA, kernels differ between
+CPUs, GPUs and library versions), so this network runs in integer arithmetic after
+post-training quantization (Ballé et al. 2019, "Integer networks for data compression
+with latent-variable models").
+
+All values are integers with ``FRACTION_BITS`` fractional bits. They are carried in
+float64 so that BLAS does the matrix products: every product and partial sum is an
+integer below 2**53, which IEEE-754 represents exactly, so the result is the same for
+any summation order, blocking, threading or FMA use. Rounding is only ever a floor of
+an exact value times a power of two, which is exact too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+FRACTION_BITS = 10
+#: Activations are clamped to this magnitude, which bounds every accumulator (see check).
+ACTIVATION_LIMIT = float(1 << 26)
+EXACT_LIMIT = float(1 << 52)
+#: LeakyReLU slope 0.01 as the dyadic fraction 655 / 2**16.
+LEAKY_NUMERATOR, LEAKY_SHIFT = 655, 16
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """One quantized convolution: ``weight`` has scale 2**shift, activations 2**FRACTION_BITS."""
+
+    kind: str  # "conv" (weight: Cout, Cin, k, k) or "deconv" (weight: Cin, Cout, k, k)
+    weight: np.ndarray
+    bias: np.ndarray  # integers at scale 2**(FRACTION_BITS + shift)
+    shift: int
+    stride: int
+    padding: int
+    output_padding: int
+    leaky_relu: bool
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("conv", "deconv"):
+            raise ValueError(f"unknown layer kind {self.kind!r}")
+        if self.shift < 1 or self.stride < 1 or not 0 <= self.output_padding <= self.padding:
+            raise ValueError("integer layer has invalid shift, stride or padding")
+        w = np.asarray(self.weight, dtype=np.float64)
+        if w.ndim != 4 or not np.array_equal(w, np.rint(w)):
+            raise ValueError("integer layer weights must be a 4-d integer array")
+        taps = w.shape[1] * w.shape[2] * w.shape[3] if self.kind == "conv" else (
+            w.shape[0] * -(-w.shape[2] // self.stride) * -(-w.shape[3] // self.stride))
+        bound = ACTIVATION_LIMIT * float(np.abs(w).max()) * taps + float(
+            np.abs(self.bias).max())
+        if bound >= EXACT_LIMIT:
+            raise ValueError("integer layer could exceed exact float64 range")
+        object.__setattr__(self, "weight", w)
+        object.__setattr__(self, "bias", np.asarray(self.bias, dtype=np.float64))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """x: (B, C, H, W) integer-valued float64 -> same layout."""
+        acc = _conv(x, self.weight, self.stride, self.padding) if self.kind == "conv" else (
+            _conv_transpose(x, self.weight, self.stride, self.padding, self.output_padding))
+        acc += self.bias[None, :, None, None]
+        # round half up back to FRACTION_BITS: exact (power-of-two scaling of integers)
+        out = np.floor((acc + float(1 << (self.shift - 1))) * 2.0 ** -self.shift)
+        if self.leaky_relu:
+            out = np.where(out < 0, np.floor(out * LEAKY_NUMERATOR * 2.0**-LEAKY_SHIFT), out)
+        return np.clip(out, -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+
+
+def _conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
+    cout, cin, kh, kw = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    b, _, ho, wo = windows.shape[:4]
+    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, cin * kh * kw)
+    out = cols @ w.reshape(cout, -1).T
+    return np.ascontiguousarray(out.reshape(b, ho, wo, cout).transpose(0, 3, 1, 2))
+
+
+def _conv_transpose(x: np.ndarray, w: np.ndarray, stride: int, padding: int,
+                    output_padding: int) -> np.ndarray:
+    cin, cout, kh, kw = w.shape
+    b, _, h, wd = x.shape
+    cols = x.transpose(0, 2, 3, 1).reshape(b * h * wd, cin) @ w.reshape(cin, -1)
+    cols = cols.reshape(b, h, wd, cout, kh, kw)
+    full = np.zeros((b, cout, (h - 1) * stride + kh, (wd - 1) * stride + kw))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i : i + stride * h : stride, j : j + stride * wd : stride] += (
+                cols[:, :, :, :, i, j].transpose(0, 3, 1, 2))
+    ho = (h - 1) * stride - 2 * padding + kh + output_padding
+    wo = (wd - 1) * stride - 2 * padding + kw + output_padding
+    return np.ascontiguousarray(full[:, :, padding : padding + ho, padding : padding + wo])
+
+
+@dataclass(frozen=True)
+class IntegerHyperSynthesis:
+    """h_s as a stack of integer layers; output channels are (scales, means)."""
+
+    layers: tuple[IntegerLayer, ...]
+
+    def __call__(self, z_fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """z_fixed: (B, N, h, w) integers at 2**FRACTION_BITS -> (scales, means), same scale."""
+        x = np.clip(np.asarray(z_fixed, dtype=np.float64), -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
+        for layer in self.layers:
+            x = layer(x)
+        half = x.shape[1] // 2
+        return x[:, :half], x[:, half:]
+
+
+def scale_levels(scales_fixed: np.ndarray, thresholds_fixed: np.ndarray) -> np.ndarray:
+    """Index of the first scale-table entry >= each scale (the last entry catches the rest)."""
+    levels = np.searchsorted(thresholds_fixed[:-1], scales_fixed, side="left")
+    return levels.astype(np.int64)

@@ -1,0 +1,182 @@
+"""The dlwsi image codec: uint8 RGB images to chunks and back. Knows nothing of Zarr.
+
+Encoding: pad to a multiple of 64 -> analysis transform (ONNX, float) -> round the
+hyper-latent -> integer hyper-synthesis gives each latent's scale level and mean ->
+round the latent -> rANS with integer tables. Decoding mirrors it; everything up to the
+decoded latents is integer and bit-exact, only the synthesis transform is float.
+Images of the same size are processed as one batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import runtime
+from .bitstream import MAX_PIXELS, MAX_SIDE, ChunkHeader, Layout, pack, unpack
+from .entropy_coding import LatentDecoder, encode_latents
+from .hyper_synthesis import FRACTION_BITS, scale_levels
+from .model_file import PAD_MULTIPLE, ModelFile
+from .model_store import ModelNotAvailableError, ModelRef, load, resolve
+
+#: Pixels per ONNX call: bounds memory while keeping batches large enough for a GPU.
+MAX_BATCH_PIXELS = 1 << 22
+FIXED_ONE = float(1 << FRACTION_BITS)
+
+
+def as_chw(image: object) -> tuple[np.ndarray, Layout]:
+    """Validate an image and return it as (3, H, W) with the layout it came in."""
+    if not isinstance(image, np.ndarray):
+        raise TypeError(f"dlwsi encodes numpy arrays, not {type(image).__name__}")
+    if image.dtype != np.uint8:
+        raise TypeError(f"dlwsi encodes uint8 images, got dtype {image.dtype}")
+    if image.ndim != 3:
+        raise ValueError(f"dlwsi encodes RGB images shaped (3, H, W) or (H, W, 3); "
+                         f"got shape {image.shape}")
+    if image.shape[0] == 3:
+        chw, layout = image, Layout.CHW
+    elif image.shape[2] == 3:
+        chw, layout = image.transpose(2, 0, 1), Layout.HWC
+    else:
+        raise ValueError(f"dlwsi encodes 3-channel RGB; shape {image.shape} has no axis "
+                         "of length 3 first or last")
+    height, width = chw.shape[1:]
+    if height == 0 or width == 0:
+        raise ValueError(f"dlwsi cannot encode an empty image (shape {image.shape})")
+    if height > MAX_SIDE or width > MAX_SIDE or height * width > MAX_PIXELS:
+        raise ValueError(f"image of {height}x{width} pixels exceeds the per-chunk limit of "
+                         f"{MAX_PIXELS} pixels (max side {MAX_SIDE}); use smaller chunks")
+    return chw, layout
+
+
+def padded_size(size: int) -> int:
+    return -(-size // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
+def batches(items: list[int], pixels_each: int) -> list[list[int]]:
+    step = max(1, MAX_BATCH_PIXELS // pixels_each)
+    return [items[i : i + step] for i in range(0, len(items), step)]
+
+
+def entropy_parameters(model: ModelFile, z_symbols: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Integer path: z symbols (B, N, h, w) -> scale levels and means (fixed point)."""
+    z_fixed = z_symbols * FIXED_ONE + model.z_medians_fixed[None, :, None, None]
+    scales, means = model.hyper_synthesis(z_fixed)
+    return scale_levels(scales, model.scale_thresholds_fixed), means
+
+
+def encode_batch(images: Sequence[np.ndarray], ref: ModelRef) -> list[bytes]:
+    """Encode uint8 RGB images, (3, H, W) or (H, W, 3) each, with one pinned model."""
+    prepared = [as_chw(image) for image in images]
+    model = load(ref)
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (chw, _) in enumerate(prepared):
+        by_size[chw.shape[1:]].append(i)
+    chunks: list[bytes] = [b""] * len(prepared)
+    medians = model.z_medians_fixed / FIXED_ONE
+    for (height, width), members in by_size.items():
+        ph, pw = padded_size(height), padded_size(width)
+        for batch in batches(members, ph * pw):
+            x = np.stack([np.pad(prepared[i][0], ((0, 0), (0, ph - height), (0, pw - width)),
+                                 mode="edge") for i in batch]).astype(np.float32) / 255.0
+            y, z = runtime.analysis(ref, x)
+            z_symbols = np.rint(z - medians[None, :, None, None])
+            levels, means = entropy_parameters(model, z_symbols)
+            y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
+            for k, i in enumerate(batch):
+                payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
+                                         y_symbols[k], levels[k], model.y_tables)
+                header = ChunkHeader(quality=ref.quality, model_id=ref.model,
+                                     model_hash_prefix=ref.hash_prefix, height=height,
+                                     width=width, layout=prepared[i][1])
+                chunks[i] = pack(header, payload)
+    return chunks
+
+
+@dataclass
+class DecodedLatents:
+    """What the entropy decoder recovers from a chunk: bit-exact on every machine."""
+
+    header: ChunkHeader
+    ref: ModelRef
+    z_symbols: np.ndarray
+    y_hat: np.ndarray | None = None
+    _decoder: LatentDecoder | None = None
+
+
+def _check_pinned(header: ChunkHeader, ref: ModelRef) -> None:
+    if (header.model_id, header.quality) != (ref.model, ref.quality) or (
+            header.model_hash_prefix != ref.hash_prefix):
+        raise ModelNotAvailableError(
+            f"dlwsi chunk was written by model {header.model_id!r} quality {header.quality} "
+            f"(hash {header.model_hash_prefix.hex()}), but the codec is configured for "
+            f"{ref.model!r} quality {ref.quality} (hash {ref.hash_prefix.hex()})")
+
+
+def ref_for_chunk(header: ChunkHeader) -> ModelRef:
+    """The installed model that wrote a chunk, found from its header alone."""
+    return resolve(header.model_id, header.quality, hash_prefix=header.model_hash_prefix)
+
+
+def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None
+                   ) -> list[DecodedLatents]:
+    """Entropy-decode chunks up to y_hat, float32 (M, h, w), the synthesis input.
+
+    ``ref`` (if given) is the model the caller expects, otherwise each chunk's header
+    names it.
+    """
+    pending: list[DecodedLatents] = []
+    for chunk in chunks:
+        header, payload = unpack(chunk)
+        chunk_ref = ref if ref is not None else ref_for_chunk(header)
+        _check_pinned(header, chunk_ref)
+        model = load(chunk_ref)
+        hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
+        decoder = LatentDecoder(payload)
+        z = decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables)
+        pending.append(DecodedLatents(header, chunk_ref, z, _decoder=decoder))
+    groups: dict[tuple, list[DecodedLatents]] = defaultdict(list)
+    for item in pending:
+        groups[(item.ref, item.z_symbols.shape)].append(item)
+    for (chunk_ref, _), members in groups.items():
+        model = load(chunk_ref)
+        z_batch = np.stack([item.z_symbols for item in members]).astype(np.float64)
+        levels, means = entropy_parameters(model, z_batch)
+        for k, item in enumerate(members):
+            y_symbols = item._decoder.decode_y(levels[k], model.y_tables)
+            item.y_hat = (y_symbols + means[k] / FIXED_ONE).astype(np.float32)
+            item._decoder = None
+    return pending
+
+
+def decode_batch(chunks: Sequence[bytes], ref: ModelRef | None = None) -> list[np.ndarray]:
+    """Decode chunks to uint8 images in the shape and layout they were encoded from."""
+    latents = decode_latents(chunks, ref)
+    images: list[np.ndarray] = [np.empty(0)] * len(latents)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, item in enumerate(latents):
+        groups[(item.ref, item.y_hat.shape)].append(i)
+    for (chunk_ref, shape), members in groups.items():
+        for batch in batches(members, shape[1] * shape[2] * 256):
+            x_hat = runtime.synthesis(chunk_ref, np.stack([latents[i].y_hat for i in batch]))
+            pixels = np.clip(np.rint(x_hat), 0, 255).astype(np.uint8)
+            for k, i in enumerate(batch):
+                header = latents[i].header
+                chw = pixels[k, :, : header.height, : header.width]
+                image = chw if header.layout is Layout.CHW else chw.transpose(1, 2, 0)
+                images[i] = np.ascontiguousarray(image)
+    return images
+
+
+def encode(image: np.ndarray, quality: int | None = None, model: str | None = None) -> bytes:
+    """Encode one image with an installed model (defaults: the default model and quality)."""
+    return encode_batch([image], resolve(model, quality))[0]
+
+
+def decode(chunk: bytes) -> np.ndarray:
+    """Decode one chunk with the installed model its header names."""
+    return decode_batch([chunk])[0]

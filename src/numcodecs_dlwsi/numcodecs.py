@@ -1,0 +1,47 @@
+"""numcodecs adapter (Zarr v2 compressor, ``numcodecs.get_codec({"id": "dlwsi"})``)."""
+
+from __future__ import annotations
+
+import numpy as np
+from numcodecs.abc import Codec
+from numcodecs.compat import ensure_contiguous_ndarray, ensure_ndarray_like, ndarray_copy
+
+from .codec_config import CodecConfig
+from .image_codec import decode_batch, encode_batch
+
+
+class Dlwsi(Codec):
+    """Learned lossy codec for uint8 RGB chunks shaped (3, H, W) or (H, W, 3).
+
+    Parameters
+    ----------
+    quality : int, optional
+        Rung of the quality ladder (higher = better quality, more bytes).
+    model : str, optional
+        Model id; defaults to the installed default model.
+    model_hash : str, optional
+        SHA-256 of the weights; filled in automatically and stored in array metadata.
+    """
+
+    codec_id = "dlwsi"
+
+    def __init__(self, quality: int | None = None, model: str | None = None,
+                 model_hash: str | None = None) -> None:
+        config = CodecConfig.create(quality, model, model_hash)
+        self.quality, self.model, self.model_hash = config.quality, config.model, \
+            config.model_hash
+        self._config = config
+
+    def encode(self, buf: object) -> bytes:
+        return encode_batch([ensure_ndarray_like(buf)], self._config.ref())[0]
+
+    def decode(self, buf: object, out: object = None) -> np.ndarray:
+        chunk = ensure_contiguous_ndarray(buf).view(np.uint8)
+        image = decode_batch([chunk], self._config.ref())[0]
+        return ndarray_copy(image, out) if out is not None else image
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, **self._config.as_dict()}
+
+    def __repr__(self) -> str:
+        return f"Dlwsi(quality={self.quality}, model={self.model!r})"

@@ -1,0 +1,1 @@
+"""Training and export of dlwsi models (needs the ``[train]`` extra: torch, CompressAI)."""

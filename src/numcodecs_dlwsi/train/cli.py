@@ -1,0 +1,70 @@
+"""``python -m numcodecs_dlwsi.train`` / ``dlwsi-train``: train, continue and export models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dlwsi-train",
+        description="Train dlwsi models on H&E (resumable) and export them as codec weights.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train or continue a run",
+        description="Train a run folder; running the same command again continues it.",
+    )
+    train.add_argument("run", type=Path, help="run folder (config, checkpoint, log)")
+    train.add_argument("--lmbda", type=float, default=0.025,
+                       help="rate-distortion trade-off (higher = better quality)")
+    train.add_argument("--steps", type=int, default=3000, help="total steps of the run")
+    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--crop", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
+    train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
+    train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
+
+    export = sub.add_parser(
+        "export",
+        help="export a run's checkpoint as a released model file",
+        description="Write weights/<model>-q<quality>.dlwsi and register it in the manifest.",
+    )
+    export.add_argument("run", type=Path, help="run folder holding checkpoint.pt")
+    export.add_argument("--model", required=True, help="model family id, e.g. he-msh-lite-v1")
+    export.add_argument("--quality", type=int, required=True, help="quality level (1 = lowest)")
+    export.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder")
+    export.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
+    export.add_argument("--default", action="store_true", help="make this family the default")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        import torch
+    except ImportError:
+        print("dlwsi-train needs the training extra: pip install 'numcodecs-dlwsi[train]'",
+              file=sys.stderr)
+        return 2
+    if args.command == "train":
+        from .train import TrainConfig, train
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        config = TrainConfig(lmbda=args.lmbda, steps=args.steps, batch=args.batch,
+                             crop=args.crop, lr=args.lr,
+                             init=str(args.init) if args.init else None)
+        train(args.run, config, data_root=args.data)
+        return 0
+    from .export import export_model
+
+    path = export_model(args.run / "checkpoint.pt", args.weights, args.model, args.quality,
+                        data_root=args.data, make_default=args.default)
+    print(path)
+    return 0

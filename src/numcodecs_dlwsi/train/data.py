@@ -1,0 +1,169 @@
+"""H&E training data: the fixed train/validation split and a random-crop sampler.
+
+The split is by source image (and by source slide where several files come from one
+slide), never by tile, so no validation pixel was ever seen in training. Changing it
+invalidates every reported number: add new files to one side, never move files.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Files held back for validation and benchmarks, relative to ``shared/data``.
+VALIDATION_FILES: tuple[str, ...] = (
+    "he/monuseg_nc/TCGA-21-5786-01Z-00-DX1.png",
+    "he/monuseg_nc/TCGA-A7-A13F-01Z-00-DX1.png",
+    "he/monuseg_nc/TCGA-B0-5711-01Z-00-DX1.png",
+    "he/monuseg_nc/TCGA-E2-A1B5-01Z-00-DX1.png",
+    "he/monuseg_nc/TCGA-G9-6363-01Z-00-DX1.png",
+    "he/monuseg_nc/TCGA-HE-7130-01Z-00-DX1.png",
+    # three tiles of one slide: all on the validation side
+    "he/tcga_tiles_mopadi/TCGA-AD-6964-01Z-00-DX1__Tile_16896_20480.jpg",
+    "he/tcga_tiles_mopadi/TCGA-AD-6964-01Z-00-DX1__Tile_22016_11776.jpg",
+    "he/tcga_tiles_mopadi/TCGA-AD-6964-01Z-00-DX1__Tile_23040_25088.jpg",
+    "he/cryonuseg_tcga/TCGA-S4-A8RO-01A-01-TS1.0FD87A60-9FC1-48B4-8972-5905265EC62E.tif",
+    "he/openslide_OS-1/OS-1-detail.ome.tif",
+    "he/torchstain/target.png",
+    # the README's demo slide: its conversion quality is measured on unseen pixels
+    "slides/aperio/CMU-1-Small-Region.svs",
+)
+
+#: Whole slides used for training crops (level 0 and a 2x downsample).
+TRAINING_SLIDES: tuple[str, ...] = ("slides/aperio/TCGA-CR-7395-01A-01-TS1.svs",)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def default_data_root() -> Path:
+    """``../shared/data`` beside the repository, or ``$DLWSI_DATA``."""
+    env = os.environ.get("DLWSI_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[3].parent / "shared" / "data"
+
+
+def he_files(root: Path, split: str) -> list[Path]:
+    """H&E image files (not slides) of one side of the split, sorted."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+    held_out = set(VALIDATION_FILES)
+    files = []
+    for path in sorted((root / "he").rglob("*")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        is_val = path.relative_to(root).as_posix() in held_out
+        if is_val == (split == "val"):
+            files.append(path)
+    return files
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3): grey expanded, alpha composited onto white (glass)."""
+    if image.ndim == 2:
+        image = np.repeat(image[:, :, None], 3, axis=2)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected 8-bit image, got {image.dtype}")
+    if image.shape[2] == 4:
+        alpha = image[:, :, 3:4].astype(np.float32) / 255.0
+        rgb = image[:, :, :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
+        image = np.rint(rgb).astype(np.uint8)
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An H&E image file as uint8 (H, W, 3)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        return to_rgb(tifffile.imread(path))
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return to_rgb(np.asarray(im.convert("RGBA") if im.mode in ("P", "LA") else im))
+
+
+def read_slide(path: Path, level: int = 0) -> np.ndarray:
+    """A whole (small) slide level as uint8 (H, W, 3), transparent areas white."""
+    import openslide
+
+    with openslide.OpenSlide(str(path)) as slide:
+        level = min(level, slide.level_count - 1)
+        width, height = slide.level_dimensions[level]
+        region = slide.read_region((0, 0), level, (width, height))
+    return to_rgb(np.asarray(region))
+
+
+@dataclass
+class CropSampler:
+    """Random square crops with flips and 90 degree rotations, weighted by image area."""
+
+    images: list[np.ndarray]
+    crop: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.images = [im for im in self.images if min(im.shape[:2]) >= self.crop]
+        if not self.images:
+            raise ValueError(f"no training image is at least {self.crop} pixels on each side")
+        areas = np.array([im.shape[0] * im.shape[1] for im in self.images], dtype=np.float64)
+        self.weights = areas / areas.sum()
+        self.rng = np.random.default_rng(self.seed)
+
+    def batch(self, size: int) -> np.ndarray:
+        """uint8 (size, 3, crop, crop)."""
+        out = np.empty((size, 3, self.crop, self.crop), dtype=np.uint8)
+        for i in range(size):
+            image = self.images[self.rng.choice(len(self.images), p=self.weights)]
+            top = self.rng.integers(0, image.shape[0] - self.crop + 1)
+            left = self.rng.integers(0, image.shape[1] - self.crop + 1)
+            tile = image[top : top + self.crop, left : left + self.crop]
+            tile = np.rot90(tile, k=int(self.rng.integers(4)))
+            if self.rng.integers(2):
+                tile = tile[:, ::-1]
+            out[i] = tile.transpose(2, 0, 1)
+        return out
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.batch(16)
+
+
+def load_training_images(root: Path, with_slides: bool = True) -> list[np.ndarray]:
+    """Every training-side H&E image, plus the training slides at two scales."""
+    images = [read_image(p) for p in he_files(root, "train")]
+    if with_slides:
+        for rel in TRAINING_SLIDES:
+            path = root / rel
+            if path.exists():
+                full = read_slide(path, 0)
+                images.append(full)
+                half = full[: full.shape[0] // 2 * 2, : full.shape[1] // 2 * 2]
+                half = half.reshape(half.shape[0] // 2, 2, half.shape[1] // 2, 2, 3).mean((1, 3))
+                images.append(np.rint(half).astype(np.uint8))
+    return images
+
+
+def validation_tiles(root: Path, size: int = 256, per_image: int = 8) -> np.ndarray:
+    """Deterministic tissue-rich tiles (N, 3, size, size) from the validation images."""
+    tiles = []
+    for rel in VALIDATION_FILES:
+        path = root / rel
+        if not path.exists() or path.suffix == ".svs":
+            continue
+        image = read_image(path)
+        if min(image.shape[:2]) < size:
+            continue
+        candidates = [
+            image[y : y + size, x : x + size]
+            for y in range(0, image.shape[0] - size + 1, size)
+            for x in range(0, image.shape[1] - size + 1, size)
+        ]
+        # most tissue first: glass-only tiles say nothing about rate-distortion
+        candidates.sort(key=lambda t: float(t.mean()))
+        tiles.extend(t.transpose(2, 0, 1) for t in candidates[:per_image])
+    return np.ascontiguousarray(np.stack(tiles))
