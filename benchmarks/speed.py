@@ -5,11 +5,10 @@ deterministically from the held-out validation images (``VALIDATION_FILES`` in
 ``numcodecs_dlwsi.train.data``; never pixels the model was trained on).
 
 dlwsi is timed end to end through ``encode_batch`` / ``decode_batch`` (``--batch`` chunks
-per call), and stage by stage by running the same pipeline with each package function
-timed on its own: analysis transform, integer hyper-synthesis, rANS encoding; rANS
-decoding of z, hyper-synthesis, rANS decoding of y, synthesis transform. ``decode_latents``
-(entropy decoding including the hyper-synthesis) is also timed as a whole. The stage run's
-chunks and images are checked to equal the end-to-end ones.
+per call), and stage by stage through the same functions' stage timer: analysis
+transform, integer hyper-synthesis, rANS encoding; rANS decoding of z, hyper-synthesis,
+rANS decoding of y, synthesis transform. ``decode_latents`` (entropy decoding including
+the hyper-synthesis) is also timed as a whole.
 
 The ONNX execution provider follows ``$DLWSI_PROVIDER`` (auto|cpu|cuda) and
 ``$DLWSI_THREADS`` exactly as the codec does, so the same command measures CUDA on a GPU
@@ -46,17 +45,10 @@ except ImportError:  # pragma: no cover - the bench extra installs it
     sys.exit("benchmarks/speed.py needs imagecodecs: pip install 'numcodecs-dlwsi[bench]'")
 
 from numcodecs_dlwsi import runtime
-from numcodecs_dlwsi.bitstream import ChunkHeader, Layout, pack, unpack
-from numcodecs_dlwsi.entropy_coding import LatentDecoder, encode_latents
 from numcodecs_dlwsi.image_codec import (
-    FIXED_ONE,
-    as_chw,
-    batches,
     decode_batch,
     decode_latents,
     encode_batch,
-    entropy_parameters,
-    padded_size,
 )
 from numcodecs_dlwsi.model_store import (
     ModelNotAvailableError,
@@ -196,85 +188,19 @@ def summarize(samples: list[float], stat: str) -> float:
 
 def encode_stages(tiles: list[np.ndarray], ref: ModelRef, batch: int, watch: Stopwatch
                   ) -> list[bytes]:
-    """``image_codec.encode_batch`` (same-size tiles, ``batch`` per call), stage by stage."""
+    """``image_codec.encode_batch`` (``batch`` tiles per call), timed stage by stage."""
     chunks: list[bytes] = []
     for start in range(0, len(tiles), batch):
-        chunks += _encode_call(tiles[start : start + batch], ref, watch)
-    return chunks
-
-
-def _encode_call(images: list[np.ndarray], ref: ModelRef, watch: Stopwatch) -> list[bytes]:
-    with watch("prepare"):
-        prepared = [as_chw(image) for image in images]
-        model = load(ref)
-        medians = model.z_medians_fixed / FIXED_ONE
-        height, width = prepared[0][0].shape[1:]
-        if any(chw.shape[1:] != (height, width) for chw, _ in prepared):
-            raise ValueError("the stage timing assumes tiles of one size")
-        ph, pw = padded_size(height), padded_size(width)
-    chunks: list[bytes] = []
-    for members in batches(list(range(len(prepared))), ph * pw):
-        with watch("prepare"):
-            x = np.stack([np.pad(prepared[i][0], ((0, 0), (0, ph - height), (0, pw - width)),
-                                 mode="edge") for i in members]).astype(np.float32) / 255.0
-        with watch("analysis"):
-            y, z = runtime.analysis(ref, x)
-        with watch("hyper_synthesis"):
-            z_symbols = np.rint(z - medians[None, :, None, None])
-            levels, means = entropy_parameters(model, z_symbols)
-        with watch("entropy_encode"):
-            y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
-            for k, i in enumerate(members):
-                payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
-                                         y_symbols[k], levels[k], model.y_tables)
-                header = ChunkHeader(quality=ref.quality, model_id=ref.model,
-                                     model_hash_prefix=ref.hash_prefix, height=height,
-                                     width=width, layout=prepared[i][1])
-                chunks.append(pack(header, payload))
+        chunks += encode_batch(tiles[start : start + batch], ref, timer=watch)
     return chunks
 
 
 def decode_stages(chunks: list[bytes], ref: ModelRef, batch: int, watch: Stopwatch
                   ) -> list[np.ndarray]:
-    """``image_codec.decode_batch`` (``batch`` chunks per call), stage by stage."""
+    """``image_codec.decode_batch`` (``batch`` chunks per call), timed stage by stage."""
     images: list[np.ndarray] = []
     for start in range(0, len(chunks), batch):
-        images += _decode_call(chunks[start : start + batch], ref, watch)
-    return images
-
-
-def _decode_call(chunks: list[bytes], ref: ModelRef, watch: Stopwatch) -> list[np.ndarray]:
-    model = load(ref)
-    headers, decoders, z_symbols = [], [], []
-    with watch("entropy_decode_z"):
-        for chunk in chunks:
-            header, payload = unpack(chunk)
-            hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
-            decoder = LatentDecoder(payload)
-            z_symbols.append(decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables))
-            headers.append(header)
-            decoders.append(decoder)
-        if len({z.shape for z in z_symbols}) != 1:
-            raise ValueError("the stage timing assumes chunks of one size")
-    with watch("hyper_synthesis"):
-        levels, means = entropy_parameters(model, np.stack(z_symbols).astype(np.float64))
-    with watch("entropy_decode_y"):
-        y_hat = [(decoder.decode_y(levels[k], model.y_tables) + means[k] / FIXED_ONE
-                  ).astype(np.float32) for k, decoder in enumerate(decoders)]
-    images: list[np.ndarray] = []
-    shape = y_hat[0].shape
-    for members in batches(list(range(len(chunks))), shape[1] * shape[2] * 256):
-        with watch("finish"):
-            stacked = np.stack([y_hat[i] for i in members])
-        with watch("synthesis"):
-            x_hat = runtime.synthesis(ref, stacked)
-        with watch("finish"):
-            pixels = np.rint(x_hat).astype(np.uint8)
-            for k, i in enumerate(members):
-                header = headers[i]
-                chw = pixels[k, :, : header.height, : header.width]
-                image = chw if header.layout is Layout.CHW else chw.transpose(1, 2, 0)
-                images.append(np.ascontiguousarray(image))
+        images += decode_batch(chunks[start : start + batch], ref, timer=watch)
     return images
 
 

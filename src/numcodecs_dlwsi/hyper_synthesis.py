@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 FRACTION_BITS = 10
 #: Activations are clamped to this magnitude, which bounds every accumulator (see check).
@@ -72,11 +71,17 @@ class IntegerLayer:
 
 def _conv(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
     cout, cin, kh, kw = w.shape
-    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    windows = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-    b, _, ho, wo = windows.shape[:4]
-    cols = windows.transpose(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, cin * kh * kw)
-    out = cols @ w.reshape(cout, -1).T
+    xp = np.pad(x.transpose(0, 2, 3, 1),
+                ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    b = x.shape[0]
+    ho = (xp.shape[1] - kh) // stride + 1
+    wo = (xp.shape[2] - kw) // stride + 1
+    # im2col, channels last: one contiguous copy per tap, then a single product
+    cols = np.empty((b, ho, wo, kh, kw, cin))
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, :, i, j] = xp[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
+    out = cols.reshape(b * ho * wo, -1) @ w.transpose(2, 3, 1, 0).reshape(-1, cout)
     return np.ascontiguousarray(out.reshape(b, ho, wo, cout).transpose(0, 3, 1, 2))
 
 
@@ -84,16 +89,27 @@ def _conv_transpose(x: np.ndarray, w: np.ndarray, stride: int, padding: int,
                     output_padding: int) -> np.ndarray:
     cin, cout, kh, kw = w.shape
     b, _, h, wd = x.shape
-    cols = x.transpose(0, 2, 3, 1).reshape(b * h * wd, cin) @ w.reshape(cin, -1)
-    cols = cols.reshape(b, h, wd, cout, kh, kw)
-    full = np.zeros((b, cout, (h - 1) * stride + kh, (wd - 1) * stride + kw))
+    # One product for all taps, channels last so each tap's block is contiguous.
+    taps = w.transpose(0, 2, 3, 1).reshape(cin, kh * kw * cout)
+    cols = (x.transpose(0, 2, 3, 1).reshape(b * h * wd, cin) @ taps).reshape(
+        b, h, wd, kh, kw, cout)
+    # Tap (i, j) lands on output rows of phase i % stride, shifted by i // stride: sum each
+    # phase densely, then interleave the phases (col2im without strided accumulation).
+    span_h, span_w = (kh - 1) // stride + 1, (kw - 1) // stride + 1
+    phases = np.zeros((stride, stride, b, h + span_h - 1, wd + span_w - 1, cout))
     for i in range(kh):
         for j in range(kw):
-            full[:, :, i : i + stride * h : stride, j : j + stride * wd : stride] += (
-                cols[:, :, :, :, i, j].transpose(0, 3, 1, 2))
+            phases[i % stride, j % stride, :, i // stride : i // stride + h,
+                   j // stride : j // stride + wd] += cols[:, :, :, i, j]
+    full = np.empty((b, (h - 1) * stride + kh, (wd - 1) * stride + kw, cout))
+    for p in range(stride):
+        for q in range(stride):
+            target = full[:, p::stride, q::stride]
+            target[...] = phases[p, q, :, : target.shape[1], : target.shape[2]]
     ho = (h - 1) * stride - 2 * padding + kh + output_padding
     wo = (wd - 1) * stride - 2 * padding + kw + output_padding
-    return np.ascontiguousarray(full[:, :, padding : padding + ho, padding : padding + wo])
+    out = full[:, padding : padding + ho, padding : padding + wo]
+    return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 
 
 @dataclass(frozen=True)

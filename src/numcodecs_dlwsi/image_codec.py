@@ -9,8 +9,10 @@ Images of the same size are processed as one batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,12 @@ from .model_store import ModelNotAvailableError, ModelRef, load, resolve
 #: Pixels per ONNX call: bounds memory while keeping batches large enough for a GPU.
 MAX_BATCH_PIXELS = 1 << 22
 FIXED_ONE = float(1 << FRACTION_BITS)
+#: Optional stage timer, ``timer("analysis")`` -> context manager (used by benchmarks).
+StageTimer = Callable[[str], AbstractContextManager]
+
+
+def _untimed(stage: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def as_chw(image: object) -> tuple[np.ndarray, Layout]:
@@ -69,10 +77,12 @@ def entropy_parameters(model: ModelFile, z_symbols: np.ndarray
     return scale_levels(scales, model.scale_thresholds_fixed), means
 
 
-def encode_batch(images: Sequence[np.ndarray], ref: ModelRef) -> list[bytes]:
+def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
+                 timer: StageTimer = _untimed) -> list[bytes]:
     """Encode uint8 RGB images, (3, H, W) or (H, W, 3) each, with one pinned model."""
-    prepared = [as_chw(image) for image in images]
-    model = load(ref)
+    with timer("prepare"):
+        prepared = [as_chw(image) for image in images]
+        model = load(ref)
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (chw, _) in enumerate(prepared):
         by_size[chw.shape[1:]].append(i)
@@ -81,19 +91,24 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef) -> list[bytes]:
     for (height, width), members in by_size.items():
         ph, pw = padded_size(height), padded_size(width)
         for batch in batches(members, ph * pw):
-            x = np.stack([np.pad(prepared[i][0], ((0, 0), (0, ph - height), (0, pw - width)),
-                                 mode="edge") for i in batch]).astype(np.float32) / 255.0
-            y, z = runtime.analysis(ref, x)
-            z_symbols = np.rint(z - medians[None, :, None, None])
-            levels, means = entropy_parameters(model, z_symbols)
-            y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
-            for k, i in enumerate(batch):
-                payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
-                                         y_symbols[k], levels[k], model.y_tables)
-                header = ChunkHeader(quality=ref.quality, model_id=ref.model,
-                                     model_hash_prefix=ref.hash_prefix, height=height,
-                                     width=width, layout=prepared[i][1])
-                chunks[i] = pack(header, payload)
+            with timer("prepare"):
+                x = np.stack([np.pad(prepared[i][0], ((0, 0), (0, ph - height),
+                                                      (0, pw - width)), mode="edge")
+                              for i in batch]).astype(np.float32) / 255.0
+            with timer("analysis"):
+                y, z = runtime.analysis(ref, x)
+            with timer("hyper_synthesis"):
+                z_symbols = np.rint(z - medians[None, :, None, None])
+                levels, means = entropy_parameters(model, z_symbols)
+            with timer("entropy_encode"):
+                y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
+                for k, i in enumerate(batch):
+                    payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
+                                             y_symbols[k], levels[k], model.y_tables)
+                    header = ChunkHeader(quality=ref.quality, model_id=ref.model,
+                                         model_hash_prefix=ref.hash_prefix, height=height,
+                                         width=width, layout=prepared[i][1])
+                    chunks[i] = pack(header, payload)
     return chunks
 
 
@@ -122,53 +137,60 @@ def ref_for_chunk(header: ChunkHeader) -> ModelRef:
     return resolve(header.model_id, header.quality, hash_prefix=header.model_hash_prefix)
 
 
-def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None
-                   ) -> list[DecodedLatents]:
+def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
+                   timer: StageTimer = _untimed) -> list[DecodedLatents]:
     """Entropy-decode chunks up to y_hat, float32 (M, h, w), the synthesis input.
 
     ``ref`` (if given) is the model the caller expects, otherwise each chunk's header
     names it.
     """
     pending: list[DecodedLatents] = []
-    for chunk in chunks:
-        header, payload = unpack(chunk)
-        chunk_ref = ref if ref is not None else ref_for_chunk(header)
-        _check_pinned(header, chunk_ref)
-        model = load(chunk_ref)
-        hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
-        decoder = LatentDecoder(payload)
-        z = decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables)
-        pending.append(DecodedLatents(header, chunk_ref, z, _decoder=decoder))
+    with timer("entropy_decode_z"):
+        for chunk in chunks:
+            header, payload = unpack(chunk)
+            chunk_ref = ref if ref is not None else ref_for_chunk(header)
+            _check_pinned(header, chunk_ref)
+            model = load(chunk_ref)
+            hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
+            decoder = LatentDecoder(payload)
+            z = decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables)
+            pending.append(DecodedLatents(header, chunk_ref, z, _decoder=decoder))
     groups: dict[tuple, list[DecodedLatents]] = defaultdict(list)
     for item in pending:
         groups[(item.ref, item.z_symbols.shape)].append(item)
     for (chunk_ref, _), members in groups.items():
         model = load(chunk_ref)
-        z_batch = np.stack([item.z_symbols for item in members]).astype(np.float64)
-        levels, means = entropy_parameters(model, z_batch)
-        for k, item in enumerate(members):
-            y_symbols = item._decoder.decode_y(levels[k], model.y_tables)
-            item.y_hat = (y_symbols + means[k] / FIXED_ONE).astype(np.float32)
-            item._decoder = None
+        with timer("hyper_synthesis"):
+            z_batch = np.stack([item.z_symbols for item in members]).astype(np.float64)
+            levels, means = entropy_parameters(model, z_batch)
+        with timer("entropy_decode_y"):
+            for k, item in enumerate(members):
+                y_symbols = item._decoder.decode_y(levels[k], model.y_tables)
+                item.y_hat = (y_symbols + means[k] / FIXED_ONE).astype(np.float32)
+                item._decoder = None
     return pending
 
 
-def decode_batch(chunks: Sequence[bytes], ref: ModelRef | None = None) -> list[np.ndarray]:
+def decode_batch(chunks: Sequence[bytes], ref: ModelRef | None = None,
+                 timer: StageTimer = _untimed) -> list[np.ndarray]:
     """Decode chunks to uint8 images in the shape and layout they were encoded from."""
-    latents = decode_latents(chunks, ref)
+    latents = decode_latents(chunks, ref, timer)
     images: list[np.ndarray] = [np.empty(0)] * len(latents)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, item in enumerate(latents):
         groups[(item.ref, item.y_hat.shape)].append(i)
     for (chunk_ref, shape), members in groups.items():
         for batch in batches(members, shape[1] * shape[2] * 256):
-            x_hat = runtime.synthesis(chunk_ref, np.stack([latents[i].y_hat for i in batch]))
-            pixels = np.clip(np.rint(x_hat), 0, 255).astype(np.uint8)
-            for k, i in enumerate(batch):
-                header = latents[i].header
-                chw = pixels[k, :, : header.height, : header.width]
-                image = chw if header.layout is Layout.CHW else chw.transpose(1, 2, 0)
-                images[i] = np.ascontiguousarray(image)
+            y_hat = np.stack([latents[i].y_hat for i in batch])
+            with timer("synthesis"):
+                x_hat = runtime.synthesis(chunk_ref, y_hat)
+            with timer("finish"):
+                pixels = np.clip(np.rint(x_hat), 0, 255).astype(np.uint8)
+                for k, i in enumerate(batch):
+                    header = latents[i].header
+                    chw = pixels[k, :, : header.height, : header.width]
+                    image = chw if header.layout is Layout.CHW else chw.transpose(1, 2, 0)
+                    images[i] = np.ascontiguousarray(image)
     return images
 
 
