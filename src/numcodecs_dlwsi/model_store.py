@@ -147,7 +147,7 @@ def load(ref: ModelRef) -> ModelFile:
 
 
 def register_model(weights_dir: Path, model: str, quality: int, path: Path,
-                   make_default: bool = False) -> None:
+                   make_default: bool = False, default_quality: bool = False) -> None:
     """Add a freshly exported file to ``weights_dir``'s manifest (export side only)."""
     manifest_path = weights_dir / MANIFEST
     manifest = _read_manifest(weights_dir) if manifest_path.exists() else {"models": {}}
@@ -159,4 +159,6 @@ def register_model(weights_dir: Path, model: str, quality: int, path: Path,
     manifest["models"][model] = dict(sorted(entries.items(), key=lambda kv: int(kv[0])))
     if make_default or not manifest.get("default"):
         manifest["default"] = model
+    if default_quality:
+        manifest.setdefault("default_quality", {})[model] = quality
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

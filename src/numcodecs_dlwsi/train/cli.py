@@ -20,12 +20,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a run folder; running the same command again continues it.",
     )
     train.add_argument("run", type=Path, help="run folder (config, checkpoint, log)")
-    train.add_argument("--lmbda", type=float, default=0.025,
+    train.add_argument("--lmbda", type=float, default=0.0483,
                        help="rate-distortion trade-off (higher = better quality)")
     train.add_argument("--steps", type=int, default=3000, help="total steps of the run")
-    train.add_argument("--batch", type=int, default=16)
+    train.add_argument("--batch", type=int, default=8)
     train.add_argument("--crop", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--lr", type=float,
+                       help="Adam learning rate (new runs: 5e-4; resuming: lower it)")
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
     train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder")
     export.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     export.add_argument("--default", action="store_true", help="make this family the default")
+    export.add_argument("--default-quality", action="store_true",
+                        help="make this quality the family's default")
     return parser
 
 
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from .export import export_model
 
     path = export_model(args.run / "checkpoint.pt", args.weights, args.model, args.quality,
-                        data_root=args.data, make_default=args.default)
+                        data_root=args.data, make_default=args.default,
+                        default_quality=args.default_quality)
     print(path)
     return 0

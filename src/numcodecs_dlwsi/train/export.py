@@ -108,7 +108,8 @@ def _training_record(data_root: Path) -> list[str]:
 
 
 def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
-                 data_root: Path | None = None, make_default: bool = False) -> Path:
+                 data_root: Path | None = None, make_default: bool = False,
+                 default_quality: bool = False) -> Path:
     """Write ``<family>-q<quality>.dlwsi`` into ``weights_dir`` and register it."""
     target = weights_dir / f"{family}-q{quality}.dlwsi"
     if target.exists():
@@ -155,6 +156,7 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
         scale_thresholds_fixed=np.floor(scale_table * 2.0**FRACTION_BITS).astype(np.int64),
         y_tables=list(zip(y_lo, y_freqs, strict=True)),
     )
-    register_model(weights_dir, family, quality, target, make_default=make_default)
+    register_model(weights_dir, family, quality, target, make_default=make_default,
+                   default_quality=default_quality)
     print(json.dumps({"exported": str(target)}))
     return target

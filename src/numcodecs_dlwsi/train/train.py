@@ -23,11 +23,11 @@ from .model import LiteMeanScaleHyperprior
 
 @dataclass
 class TrainConfig:
-    lmbda: float = 0.025
+    lmbda: float = 0.0483
     steps: int = 3000
-    batch: int = 16
+    batch: int = 8
     crop: int = 128
-    lr: float = 1e-4
+    lr: float | None = 5e-4  # None on resume: keep the run's
     N: int = 64
     M: int = 96
     last: int = 32
@@ -74,12 +74,16 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
     config_path = run / "config.json"
     if config_path.exists():
         saved = TrainConfig(**json.loads(config_path.read_text()))
-        if config is not None and config.steps != saved.steps:
-            saved.steps = config.steps  # extending a run is the one allowed change
+        # a run may be extended and its learning rate lowered; nothing else changes
+        if config is not None:
+            saved.steps = config.steps
+            saved.lr = config.lr if config.lr is not None else saved.lr
             config_path.write_text(json.dumps(asdict(saved), indent=2))
         config = saved
     else:
         config = config or TrainConfig()
+        if config.lr is None:
+            config.lr = TrainConfig.lr
         config_path.write_text(json.dumps(asdict(config), indent=2))
 
     torch.manual_seed(config.seed)
@@ -91,6 +95,8 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr
         aux_optimizer.load_state_dict(state["aux_optimizer"])
         step = state["step"]
     elif config.init:
