@@ -26,6 +26,15 @@ def read_rgb(path: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
+def slides() -> Path:
+    """``../shared/data/slides``: the real whole-slide files."""
+    if not (DATA / "slides").is_dir():
+        pytest.skip(f"real slides not found at {DATA / 'slides'} (the shared data folder "
+                    "beside the repository); these tests need them")
+    return DATA / "slides"
+
+
+@pytest.fixture(scope="session")
 def he_image(data_root: Path) -> np.ndarray:
     """A real 1000x1000 H&E field (held-out MoNuSeg image), uint8 (H, W, 3)."""
     return read_rgb(data_root / "he/monuseg_nc/TCGA-21-5786-01Z-00-DX1.png")

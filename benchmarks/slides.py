@@ -1,0 +1,134 @@
+"""The seed paper's slide table: store size per slide, codec and glass mode.
+
+Converts each real slide in ../shared/data/slides with ``ngff-convert`` (each run in its
+own process, so peak memory is that conversion's) for every codec x glass mode, runs
+``ngff-convert verify`` on it, and prints store sizes with the reduction vs the source
+file and vs JPEG (same glass mode), level-0 tissue SSIM vs the source, peak RSS and
+conversion speed in megapixels (all levels) per second.
+
+    python benchmarks/slides.py                       # every slide, every combination
+    python benchmarks/slides.py --slides dicom/highdicom_sm_image/sm_image.dcm \\
+        --codecs jpeg dlwsi --glass keep fill          # a quick subset
+    python benchmarks/slides.py --json results.json
+
+This is long on CPU (dlwsi encodes ~3 chunks/s/core); run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDES = REPO.parent / "shared" / "data" / "slides"
+DEFAULT_SLIDES = ["aperio/CMU-1-Small-Region.svs", "aperio/TCGA-CR-7395-01A-01-TS1.svs",
+                  "dicom/highdicom_sm_image/sm_image.dcm", "tiny_fixtures/boxes.tiff"]
+CODECS = ["jpeg", "jpegxl", "avif", "dlwsi"]
+GLASS = ["keep", "fill", "drop"]
+
+
+def run_measured(cmd: list[str]) -> tuple[subprocess.CompletedProcess, float, int]:
+    """Run ``cmd``; (result, seconds, peak RSS of that process in bytes)."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        code = os.waitstatus_to_exitcode(status)
+        result = subprocess.CompletedProcess(cmd, code, out.read(), err.read())
+    return result, seconds, usage.ru_maxrss * 1024  # Linux: kilobytes
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "ngff_convert", *map(str, args)]
+
+
+def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
+          workdir: Path) -> list[dict]:
+    rows = []
+    for rel in slides:
+        src = SLIDES / rel
+        for glass in glass_modes:
+            for codec in codecs:
+                store = workdir / f"{Path(rel).stem}-{codec}-{glass}.zarr"
+                args = [src, store, "--codec", codec, "--glass", glass, "--overwrite",
+                        "--no-progress"]
+                if workers:
+                    args += ["--workers", workers]
+                conv, seconds, peak = run_measured(cli(*args))
+                if conv.returncode != 0:
+                    print(f"# {rel} {codec} {glass}: {conv.stderr.strip()}", file=sys.stderr)
+                    continue
+                info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
+                                                 capture_output=True, text=True).stdout)
+                ver = json.loads(subprocess.run(cli("verify", src, store, "--json",
+                                                    "--no-progress"), check=True,
+                                                capture_output=True, text=True).stdout)
+                level0 = ver["levels"][0]
+                megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
+                rows.append({
+                    "slide": rel, "codec": codec, "glass": glass,
+                    "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
+                    "objects": info["objects"],
+                    "ssim_tissue": level0["ssim_tissue"], "psnr_tissue": level0["psnr_tissue"],
+                    "ssim_all": level0["ssim_all"], "seconds": seconds,
+                    "megapixels": megapixels, "mp_per_s": megapixels / seconds,
+                    "peak_rss_bytes": peak, "tissue": info.get("tissue"),
+                })
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    jpeg = {(r["slide"], r["glass"]): r["stored_bytes"] for r in rows if r["codec"] == "jpeg"}
+    lines = [f"{'slide':<34} {'glass':<5} {'codec':<7} {'stored MiB':>10} {'vs source':>9} "
+             f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"]
+    for r in rows:
+        vs_src = 1 - r["stored_bytes"] / r["source_bytes"]
+        ref = jpeg.get((r["slide"], r["glass"]))
+        vs_jpeg = f"{1 - r['stored_bytes'] / ref:+.0%}" if ref else "-"
+        # no tissue at all (an all-glass slide): the whole image's SSIM, marked *
+        ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
+        psnr = "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}"
+        lines.append(
+            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {r['codec']:<7} "
+            f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
+            f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}")
+    lines.append("vs source / vs JPEG: size reduction (positive = smaller). SSIM/PSNR: level 0, "
+                 "tissue pixels (* all pixels: no tissue), vs the source.\n"
+                 "MP/s: all levels' pixels / wall time.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slides", nargs="+", default=DEFAULT_SLIDES,
+                   help="paths relative to ../shared/data/slides")
+    p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS + ["jpeg2k"])
+    p.add_argument("--glass", nargs="+", default=GLASS, choices=GLASS)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the stores go (default: a temporary folder, removed)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = p.parse_args()
+    if not SLIDES.is_dir():
+        sys.exit(f"slides not found at {SLIDES}")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir)
+    print(table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

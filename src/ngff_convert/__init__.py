@@ -1,0 +1,21 @@
+"""ngff-convert: whole-slide images to multiscale OME-Zarr, glass removed.
+
+Modules, one concept each:
+
+- :mod:`ngff_convert.slide`    reading slides through OpenSlide
+- :mod:`ngff_convert.tissue`   the tissue mask and glass handling
+- :mod:`ngff_convert.pyramid`  the dask pyramid (one task per output shard)
+- :mod:`ngff_convert.ngff`     OME-NGFF 0.4 / 0.5 metadata, validated
+- :mod:`ngff_convert.codecs`   ``--codec`` names -> Zarr / numcodecs codec configurations
+- :mod:`ngff_convert.store`    output stores (paths, fsspec URLs) and array creation
+- :mod:`ngff_convert.convert`  the conversion itself, ``verify`` and ``info``
+- :mod:`ngff_convert.cli`      the ``ngff-convert`` command
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+
+class ConvertError(Exception):
+    """A user-facing error: printed as one line by the CLI, exit status 1."""

@@ -1,0 +1,281 @@
+"""The ``ngff-convert`` command: convert (default), ``verify`` and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from . import ConvertError, __version__
+from .codecs import CODECS
+from .tissue import Glass, MaskParams
+
+DESCRIPTION = """\
+Convert a whole-slide image (anything OpenSlide reads: SVS, NDPI, generic tiled TIFF,
+DICOM, MIRAX, ...) to a multiscale OME-Zarr image, glass removed.
+
+  ngff-convert SLIDE OUT [options]        convert (NGFF 0.5, dlwsi codec, glass fill)
+  ngff-convert verify SLIDE OUT           per-level PSNR/SSIM and sizes vs the source
+  ngff-convert info OUT                   levels, shapes, codec, stored vs raw bytes
+
+OUT is a local path or an fsspec URL (s3://bucket/out.zarr, gs://..., file://...);
+object-store credentials come from the usual places (environment, config files): for
+s3://, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or AWS_PROFILE,
+AWS_REGION, and AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible server.
+--storage-option KEY=VALUE (repeatable) passes options to fsspec and wins over them:
+  ngff-convert slide.svs s3://bucket/out.zarr --storage-option anon=false
+      --storage-option endpoint_url=http://127.0.0.1:9000
+"""
+
+STORAGE_OPTION_HELP = ("fsspec option for a URL output, repeatable: e.g. "
+                       "endpoint_url=http://127.0.0.1:9000, anon=true, key=..., "
+                       "secret=..., profile=...; true/false/numbers/JSON are parsed, "
+                       "a dotted key nests (client_kwargs.region_name=eu-west-1)")
+
+
+def _add_storage_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    p.add_argument("--storage-option", metavar="KEY=VALUE", action="append", default=[],
+                   dest="storage_options", help=STORAGE_OPTION_HELP)
+
+GLASS_HELP = """what to do with glass (slide background), from a tissue mask of a thumbnail:
+  fill (default): chunks without tissue are not stored (they read as 255) and glass
+        next to tissue is blended to white with a soft edge, so there are no seams
+        between stored and dropped chunks;
+  drop: chunks without tissue are not stored, kept glass keeps its scanned off-white
+        (seams show where a dropped chunk meets a kept one);
+  keep: every pixel as scanned."""
+
+
+def _codec_help() -> str:
+    return "; ".join(f"{c.name}: {c.note}" for c in CODECS.values())
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ngff-convert", description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("slide", help="input slide file")
+    p.add_argument("out", help="output store: a path or an fsspec URL")
+    p.add_argument("--codec", default="dlwsi", choices=list(CODECS),
+                   help=f"chunk codec (default dlwsi). {_codec_help()}")
+    p.add_argument("--quality", type=int, default=None,
+                   help="codec quality in the codec's own scale (default: the codec's)")
+    p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
+                   help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
+    p.add_argument("--glass", choices=[g.value for g in Glass], default=Glass.fill.value,
+                   help=GLASS_HELP)
+    p.add_argument("--chunk", type=int, default=512, help="chunk side in pixels (512)")
+    p.add_argument("--shard", type=int, default=4,
+                   help="chunks per shard side for NGFF 0.5 (4: 2048-pixel shards); "
+                        "1 disables sharding")
+    p.add_argument("--associated", action="store_true",
+                   help="also store label/macro/thumbnail images under associated/ "
+                        "(off by default: labels and macros can show patient identifiers)")
+    _add_storage_option(p)
+    m = p.add_argument_group("tissue mask")
+    m.add_argument("--saturation-threshold", default="0.07",
+                   help="HSV saturation (0-1) above which a pixel is tissue, or 'otsu' "
+                        "(default 0.07)")
+    m.add_argument("--brightness-threshold", type=int, default=220,
+                   help="grey level (0-255) below which a pixel is tissue even when "
+                        "unsaturated (default 220)")
+    m.add_argument("--mask-dilate", type=int, default=2,
+                   help="safety margin around tissue, in mask pixels (default 2)")
+    m.add_argument("--min-tissue", type=int, default=16,
+                   help="smallest tissue speck kept, in mask pixels (default 16)")
+    m.add_argument("--mask-out", metavar="PNG",
+                   help="write a preview: thumbnail, glass tinted blue, stored level-0 "
+                        "chunks outlined in green")
+    r = p.add_argument_group("running")
+    r.add_argument("--workers", type=int, default=None,
+                   help="threads for the local scheduler (default: CPU count)")
+    r.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a dask.distributed scheduler (e.g. tcp://host:8786) to run on")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.add_argument("--resume", action="store_true",
+                   help="finish an interrupted conversion, keeping what is written")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--version", action="version", version=f"ngff-convert {__version__}")
+    return p
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ngff-convert verify",
+                                description="Compare a converted image with its source "
+                                            "slide: PSNR/SSIM per level, sizes.")
+    p.add_argument("slide")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--min-ssim", type=float, default=None,
+                   help="exit 3 when level 0's tissue SSIM is below this")
+    p.add_argument("--workers", type=int, default=None)
+    _add_storage_option(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def info_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ngff-convert info",
+                                description="Describe a converted image.")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_storage_option(p)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import Options, convert
+    from .store import parse_storage_options
+
+    storage_options = parse_storage_options(args.storage_options)
+    sat = args.saturation_threshold
+    if sat == "otsu":
+        saturation = None
+    else:
+        try:
+            saturation = float(sat)
+        except ValueError:
+            raise ConvertError(f"--saturation-threshold must be a number or 'otsu', "
+                               f"got {sat!r}") from None
+        if not 0 <= saturation <= 1:
+            raise ConvertError(f"--saturation-threshold must be in 0..1, got {sat}")
+    if args.workers is not None and args.workers < 1:
+        raise ConvertError(f"--workers must be >= 1, got {args.workers}")
+    if args.overwrite and args.resume:
+        raise ConvertError("--overwrite and --resume contradict each other; pick one")
+    options = Options(
+        codec=args.codec, quality=args.quality, ngff=args.ngff, glass=Glass(args.glass),
+        chunk=args.chunk, shard=args.shard, associated=args.associated,
+        mask=MaskParams(saturation=saturation, brightness=args.brightness_threshold,
+                        min_area=args.min_tissue, dilate=args.mask_dilate),
+        mask_out=args.mask_out, workers=args.workers, scheduler=args.scheduler,
+        overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress,
+        storage_options=storage_options)
+    s = convert(args.slide, args.out, options, log=lambda m: print(m, file=sys.stderr))
+    if s.already_complete:
+        return 0
+    print(f"{s.target}: {len(s.levels)} levels, level 0 {s.levels[0][2]}x{s.levels[0][1]}, "
+          f"tissue {s.tissue_fraction:.0%}, {s.blocks_written} blocks written"
+          + (f" ({s.blocks_skipped} already done)" if s.blocks_skipped else "")
+          + f"; stored {_mib(s.stored_bytes)} in {s.stored_objects} objects vs source "
+          f"{_mib(s.source_bytes)}; {s.seconds:.1f} s, {s.mp_per_s:.2f} MP/s")
+    return 0
+
+
+def _run_info(args: argparse.Namespace) -> int:
+    from .convert import info
+    from .store import parse_storage_options
+
+    d = info(args.out, parse_storage_options(args.storage_options))
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"{d['store']}: OME-NGFF {d['ngff']} (Zarr v{d['zarr_format']}), {d['name']}, "
+          f"glass {d['glass'] or '?'}, unit {d['unit'] or 'none (pixel size unknown)'}")
+    print(f"{'level':>5} {'shape (c,y,x)':>20} {'scale':>22} {'objects':>8} {'stored':>12} "
+          f"{'raw':>12} {'ratio':>7}  codec")
+    for lv in d["levels"]:
+        ratio = lv["raw_bytes"] / lv["stored_bytes"] if lv["stored_bytes"] else float("inf")
+        scale = ",".join(f"{s:g}" for s in lv["scale"])
+        print(f"{lv['path']:>5} {str(tuple(lv['shape'])):>20} {scale:>22} {lv['objects']:>8} "
+              f"{_mib(lv['stored_bytes']):>12} {_mib(lv['raw_bytes']):>12} {ratio:>6.1f}x  "
+              f"{lv['codec']}")
+    src = d["source_bytes"]
+    print(f"total: {_mib(d['stored_bytes'])} stored in {d['objects']} objects, "
+          f"{_mib(d['raw_bytes'])} raw"
+          + (f", source file {_mib(src)} (stored = {d['stored_bytes'] / src:.1%} of it)"
+             if src else ""))
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from .convert import Options, verify
+    from .store import parse_storage_options
+
+    options = Options(workers=args.workers, progress=not args.no_progress,
+                      storage_options=parse_storage_options(args.storage_options))
+    d = verify(args.slide, args.out, options)
+    if args.json:
+        print(json.dumps(d, indent=2, default=float))
+    else:
+        print(f"{d['store']} vs {d['source']}")
+        print(f"{'level':>5} {'shape (c,y,x)':>20} {'tissue':>7} {'PSNR tis.':>10} "
+              f"{'SSIM tis.':>10} {'PSNR all':>9} {'SSIM all':>9} {'stored':>12}")
+        for lv in d["levels"]:
+            pt = "-" if lv["psnr_tissue"] is None else f"{lv['psnr_tissue']:.2f}"
+            st = "-" if lv["ssim_tissue"] is None else f"{lv['ssim_tissue']:.4f}"
+            print(f"{lv['path']:>5} {str(tuple(lv['shape'])):>20} "
+                  f"{lv['tissue_fraction']:>7.0%} {pt:>10} {st:>10} {lv['psnr_all']:>9.2f} "
+                  f"{lv['ssim_all']:>9.4f} {_mib(lv['stored_bytes']):>12}")
+        print(f"stored {_mib(d['stored_bytes'])} vs source file {_mib(d['source_bytes'])} "
+              f"({d['stored_bytes'] / d['source_bytes']:.1%} of it)")
+    if args.min_ssim is not None:
+        level0 = d["levels"][0]
+        ssim = level0["ssim_tissue"] if level0["ssim_tissue"] is not None else level0["ssim_all"]
+        if ssim < args.min_ssim:
+            print(f"error: level 0 SSIM {ssim:.4f} is below --min-ssim {args.min_ssim}",
+                  file=sys.stderr)
+            return 3
+    return 0
+
+
+COMMANDS = {"verify": (verify_parser, _run_verify), "info": (info_parser, _run_info)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        make, run = COMMANDS[argv[0]]
+        argv = argv[1:]
+    else:
+        if argv and argv[0] == "convert":
+            argv = argv[1:]
+        make, run = convert_parser, _run_convert
+    args = make().parse_args(argv)
+    try:
+        return run(args)
+    except ConvertError as exc:
+        print(f"ngff-convert: error: {exc}", file=sys.stderr)
+        _quiet_exit(args)
+        return 1
+    except ImportError as exc:
+        print(f"ngff-convert: error: missing dependency {exc.name or exc}: install "
+              "numcodecs-dlwsi[convert]", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ngff-convert: interrupted; re-run with --resume to finish", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, --debug for developers
+        if getattr(args, "debug", False) or os.environ.get("NGFF_CONVERT_DEBUG"):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"ngff-convert: error: {type(exc).__name__}: {msg} (--debug for details)",
+              file=sys.stderr)
+        _quiet_exit(args)
+        return 1
+
+
+def _quiet_exit(args: argparse.Namespace) -> None:
+    """After the one-line error, silence what abandoned object-store requests print as
+    the interpreter exits (zarr's concurrent reads/writes that an error cut short:
+    "coroutine ... was never awaited", "Exception ignored in ..."); --debug keeps it."""
+    if getattr(args, "debug", False) or os.environ.get("NGFF_CONVERT_DEBUG"):
+        return
+    import warnings
+
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
+    sys.unraisablehook = lambda _unraisable: None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

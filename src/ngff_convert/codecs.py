@@ -1,0 +1,139 @@
+"""``--codec`` names -> Zarr codec configurations, through the codec registries only.
+
+The converter never imports a codec implementation: dlwsi is found by Zarr (v3) and
+numcodecs (v2) through its entry points; the baselines come from ``imagecodecs.numcodecs``,
+registered with numcodecs and, for Zarr v3, wrapped as ``numcodecs.imagecodecs_*``
+array-to-bytes codecs (the same wrapper Zarr uses for numcodecs' own codecs). A reader of a
+baseline store must call :func:`register_image_codecs` too; dlwsi stores need nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import ConvertError
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """One ``--codec`` choice."""
+
+    name: str
+    numcodecs_id: str  # the id in the numcodecs registry
+    quality_key: str | None  # the codec's own name for the quality parameter
+    default_quality: int | None  # None: the codec's default
+    channels_last: bool  # the codec wants (H, W, 3) chunks, so v3 adds a transpose filter
+    note: str
+
+
+CODECS: dict[str, CodecChoice] = {
+    c.name: c
+    for c in (
+        CodecChoice("dlwsi", "dlwsi", "quality", None, False,
+                    "learned codec; quality = the installed model's level (default: its "
+                    "default level)"),
+        CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100"),
+        CodecChoice("jpegxl", "imagecodecs_jpegxl", "level", 90, True,
+                    "JPEG XL, quality 0-100"),
+        CodecChoice("jpeg2k", "imagecodecs_jpeg2k", "level", 45, True,
+                    "JPEG 2000, target PSNR in dB"),
+        CodecChoice("avif", "imagecodecs_avif", "level", 90, True, "AVIF, quality 0-100"),
+    )
+}
+
+
+def codec_choice(name: str) -> CodecChoice:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ConvertError(f"unknown codec {name!r}; choose one of: "
+                           f"{', '.join(CODECS)}") from None
+
+
+def _params(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+    q = choice.default_quality if quality is None else quality
+    return {} if q is None or choice.quality_key is None else {choice.quality_key: int(q)}
+
+
+def v3_codecs(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+    """``filters``/``serializer``/``compressors`` for a Zarr v3 (3, H, W) uint8 array."""
+    if choice.name == "dlwsi":
+        config: dict[str, Any] = {"name": "dlwsi"}
+        params = _params(choice, quality)
+        if params:
+            config["configuration"] = params
+        return {"filters": None, "serializer": config, "compressors": None}
+    register_image_codecs()
+    return {
+        "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
+        "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
+                       "configuration": _params(choice, quality)},
+        "compressors": None,
+    }
+
+
+def v2_compressor(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+    """The numcodecs ``compressor`` for a Zarr v2 array (NGFF 0.4)."""
+    if choice.channels_last:
+        # Zarr v2 has no transpose filter: an image codec would see (3, H, W) chunks as
+        # a 3-row image. Only dlwsi codes channel-first chunks directly.
+        raise ConvertError(f"--codec {choice.name} needs --ngff 0.5 (Zarr v2 cannot hand it "
+                           "channel-last chunks); use --codec dlwsi with --ngff 0.4")
+    return {"id": choice.numcodecs_id, **_params(choice, quality)}
+
+
+_REGISTERED = False
+
+
+def register_image_codecs() -> None:
+    """Make imagecodecs' numcodecs codecs known to numcodecs and to Zarr v3 (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    import warnings
+
+    import imagecodecs.numcodecs
+    from zarr.registry import register_codec
+
+    # zarr warns at every instantiation that numcodecs.* codecs are outside the v3 spec
+    warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+    imagecodecs.numcodecs.register_codecs(verbose=False)
+    for choice in CODECS.values():
+        if choice.channels_last:
+            register_codec(f"numcodecs.{choice.numcodecs_id}",
+                           _image_codec_class(choice.numcodecs_id))
+    _REGISTERED = True
+
+
+def _image_codec_class(numcodecs_id: str) -> type:
+    """Zarr's numcodecs array-to-bytes wrapper, handing the codec contiguous chunks (the
+    transpose filter before it passes a strided view, which imagecodecs refuses)."""
+    import numpy as np
+    from zarr.codecs.numcodecs import _NumcodecsArrayBytesCodec
+
+    class ImageCodec(_NumcodecsArrayBytesCodec, codec_name=numcodecs_id):
+        async def _encode_single(self, chunk_data: Any, chunk_spec: Any) -> Any:
+            contiguous = np.ascontiguousarray(chunk_data.as_ndarray_like())
+            chunk = chunk_spec.prototype.nd_buffer.from_ndarray_like(contiguous)
+            return await super()._encode_single(chunk, chunk_spec)
+
+    ImageCodec.__name__ = ImageCodec.__qualname__ = f"Zarr3_{numcodecs_id}"
+    return ImageCodec
+
+
+def describe_v3(codecs: list[dict[str, Any]]) -> str:
+    """A short text for the codec chain in v3 array metadata (sharding unwrapped)."""
+    parts = []
+    for codec in codecs:
+        name = codec.get("name", "?")
+        config = codec.get("configuration", {}) or {}
+        if name == "sharding_indexed":
+            inner = describe_v3(config.get("codecs", []))
+            parts.append(f"sharding{tuple(config.get('chunk_shape', []))}[{inner}]")
+        elif name in ("bytes", "transpose", "crc32c"):
+            continue
+        else:
+            shown = {k: v for k, v in config.items() if k in ("quality", "level", "model")}
+            parts.append(f"{name}{shown if shown else ''}")
+    return " + ".join(parts) or "none"

@@ -1,0 +1,544 @@
+"""Whole slide -> multiscale OME-Zarr (``convert``), and ``verify`` / ``info`` of a result.
+
+The order of writes makes a half-written store never look complete: the image group is
+first created with only a progress marker, then the arrays are filled (one dask task per
+shard), and the NGFF ``multiscales`` metadata that makes it an image is written last.
+``resume`` reopens such a store and skips the blocks whose objects are already there.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import zarr
+
+from . import ConvertError, __version__, ngff
+from .codecs import codec_choice, describe_v3, register_image_codecs, v2_compressor, v3_codecs
+from .pyramid import Layout, level_shapes, pyramid
+from .slide import SlideInfo, associated_image, open_slide
+from .store import PROGRESS_KEY, Output, check_writable, create_level, open_output
+from .tissue import Glass, MaskParams, TissueMask, mask_downsample, preview, thumbnail, tissue_mask
+
+BATCH_SIZE = 16  # chunks per codec call: dlwsi encodes a batch at once
+
+
+@dataclass
+class Options:
+    codec: str = "dlwsi"
+    quality: int | None = None
+    ngff: str = "0.5"
+    glass: Glass = Glass.fill
+    chunk: int = 512
+    shard: int = 4  # chunks per shard side (NGFF 0.5); 1 = no sharding
+    associated: bool = False
+    mask: MaskParams = field(default_factory=MaskParams)
+    mask_out: str | None = None
+    workers: int | None = None
+    scheduler: str | None = None
+    overwrite: bool = False
+    resume: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec, for URLs
+
+
+@dataclass
+class Summary:
+    target: str
+    levels: list[tuple[int, int, int]]
+    blocks_written: int
+    blocks_skipped: int
+    stored_bytes: int
+    stored_objects: int
+    source_bytes: int
+    seconds: float
+    megapixels: float
+    tissue_fraction: float
+    already_complete: bool = False
+
+    @property
+    def mp_per_s(self) -> float:
+        return self.megapixels / self.seconds if self.seconds > 0 else 0.0
+
+
+def configure_zarr() -> None:
+    """Codec batches and no empty chunks; set once per process (workers included)."""
+    zarr.config.set({"codec_pipeline.batch_size": BATCH_SIZE,
+                     "array.write_empty_chunks": False})
+
+
+def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "source": Path(info.path).name, "source_bytes": _source_bytes(info.path),
+        "codec": options.codec, "codec_config": codec_config, "ngff": options.ngff,
+        "glass": options.glass.value, "chunk": options.chunk,
+        "shard": options.shard if options.ngff == "0.5" else 1, "mask": asdict(options.mask),
+    }
+
+
+def _codec_config(options: Options) -> dict[str, Any]:
+    """Resolve --codec/--quality for the format; fail (one line) before writing anything."""
+    choice = codec_choice(options.codec)
+    if options.ngff == "0.5":
+        config = v3_codecs(choice, options.quality)
+    else:
+        config = {"compressors": v2_compressor(choice, options.quality)}
+    # instantiate once on a scratch store so a bad quality or missing weights fail now
+    probe = zarr.create_array(zarr.storage.MemoryStore(), shape=(3, 64, 64),
+                              chunks=(3, 64, 64), dtype="uint8", fill_value=255,
+                              zarr_format=3 if options.ngff == "0.5" else 2, **config)
+    try:
+        probe[:] = np.full((3, 64, 64), 200, np.uint8)
+    except Exception as exc:  # noqa: BLE001 - the codec's own message is the clearest
+        raise ConvertError(f"codec {options.codec}: {_one_line(exc)}") from None
+    return config
+
+
+def convert(source: str, target: str, options: Options,
+            log: Callable[[str], None] = print) -> Summary:
+    """Convert ``source`` (anything OpenSlide reads) to an OME-Zarr image at ``target``."""
+    start = time.perf_counter()
+    ngff._check_version(options.ngff)
+    if options.chunk < 16 or options.chunk % 16:
+        raise ConvertError(f"--chunk must be a positive multiple of 16, got {options.chunk}")
+    if options.shard < 1:
+        raise ConvertError(f"--shard must be >= 1, got {options.shard}")
+    info = open_slide(source)
+    configure_zarr()
+    try:
+        codecs = _codec_config(options)
+    except ConvertError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ConvertError(f"codec {options.codec}: {_one_line(exc)}") from None
+    zarr_format = 3 if options.ngff == "0.5" else 2
+    out = open_output(target, storage_options=options.storage_options)
+    resuming = False
+    if out.exists():
+        state = _progress_state(out)
+        if options.resume:
+            if state is None:
+                raise ConvertError(f"{out.url}: exists but was not written by ngff-convert; "
+                                   "cannot --resume it")
+            if state.get("complete"):
+                log(f"{out.url}: already complete, nothing to do")
+                return _summary(out, info, [], 0, 0, start, 0.0, already_complete=True)
+            resuming = True
+        elif options.overwrite:
+            out.remove()
+        else:
+            raise ConvertError(f"{out.url}: already exists (use --overwrite to replace it"
+                               + (", or --resume to finish it)" if state is not None
+                                  and not state.get("complete") else ")"))
+    check_writable(out)
+
+    # tissue mask: from a thumbnail, one for the whole slide, every level uses it
+    ds = mask_downsample(info)
+    thumb = thumbnail(info, ds)
+    tissue = tissue_mask(thumb, ds, options.mask)
+    if options.mask_out:
+        _write_png(options.mask_out, preview(thumb, tissue, options.chunk, options.glass))
+
+    chunks_per_block = options.shard if zarr_format == 3 and options.shard > 1 else 4
+    layout = Layout(options.chunk, chunks_per_block)
+    shapes = level_shapes(info.height, info.width, options.chunk)
+    names = [str(i) for i in range(len(shapes))]
+    settings = _settings(info, options, codecs)
+    if resuming:
+        group = zarr.open_group(out.store, mode="r+")
+        old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
+        different = [k for k in ("codec", "codec_config", "ngff", "glass", "chunk", "shard",
+                                 "mask", "source", "source_bytes")
+                     if _jsonable(old.get(k)) != _jsonable(settings[k])]
+        if different:
+            raise ConvertError(f"{out.url}: --resume with different settings than the "
+                               f"interrupted run ({', '.join(different)})")
+        arrays = [group[name] for name in names]
+    else:
+        try:
+            group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
+                                    attributes={PROGRESS_KEY: {"complete": False,
+                                                               "settings": settings,
+                                                               "version": __version__}})
+            arrays = [create_level(group, name, shape, options.chunk,
+                                   options.shard if zarr_format == 3 else 1, zarr_format,
+                                   codecs) for name, shape in zip(names, shapes, strict=True)]
+        except Exception as exc:  # noqa: BLE001
+            raise ConvertError(f"{out.url}: cannot create the store: {_one_line(exc)}") from None
+
+    levels = pyramid(info, layout, options.glass, tissue)
+    written, skipped = _write_levels(out, levels, arrays, names, layout, tissue, options,
+                                     resuming)
+
+    if options.associated:
+        _write_associated(group, info, zarr_format, options.ngff)
+    _finish(group, info, names, options, settings, tissue)
+    megapixels = sum(h * w for _, h, w in shapes) / 1e6
+    return _summary(out, info, shapes, written, skipped, start, megapixels,
+                    tissue_fraction=tissue.tissue_fraction)
+
+
+def _write_levels(out: Output, levels: list[Any], arrays: list[zarr.Array], names: list[str],
+                  layout: Layout, tissue: TissueMask, options: Options,
+                  resuming: bool) -> tuple[int, int]:
+    """Store every level, one task per block; returns (blocks written, blocks skipped)."""
+    from dask.optimization import cull
+
+    writes, keys, skipped = [], [], 0
+    for k, (level, array, name) in enumerate(zip(levels, arrays, names, strict=True)):
+        present = out.keys(f"{name}/") if resuming else set()
+        # tasks carry the store and the array's path, not the array: a scheduler or
+        # worker unpickling an array would need its codecs registered first
+        w = level.map_blocks(_write_block, store=out.store, path=name, dtype=np.int64,
+                             present=dask.delayed(frozenset(present), pure=True),
+                             prefix=f"{name}/", chunk=layout.chunk,
+                             chunks=((1,), (1,) * len(level.chunks[1]),
+                                     (1,) * len(level.chunks[2])),
+                             name=f"write-level-{name}")
+        for by in range(len(level.chunks[1])):
+            for bx in range(len(level.chunks[2])):
+                if resuming and _block_done(array, present, name, k, by, bx, layout, tissue,
+                                            options.glass):
+                    skipped += 1
+                else:
+                    keys.append((w.name, 0, by, bx))
+        writes.append(w)
+    if not keys:
+        return 0, skipped
+    graph: dict = {}
+    for w in writes:  # the levels share their upstream tasks; keys are unique
+        graph.update(dict(w.__dask_graph__()))
+    graph, _ = cull(graph, keys)  # resume: only what the missing blocks need
+    _run_graph(graph, keys, options)
+    return len(keys), skipped
+
+
+def _run_graph(graph: dict, keys: list, options: Options) -> None:
+    if options.scheduler:
+        try:
+            from distributed import Client, progress
+        except ImportError:
+            raise ConvertError("--scheduler needs the 'distributed' package") from None
+        try:
+            client = Client(options.scheduler, timeout="20s")
+        except OSError as exc:
+            raise ConvertError(f"cannot reach dask scheduler {options.scheduler}: "
+                               f"{_one_line(exc)}") from None
+        with client:
+            client.run(configure_zarr)
+            futures = client.get(graph, keys, sync=False)
+            if options.progress:
+                progress(futures)
+            client.gather(futures)
+        return
+    from dask.threaded import get
+
+    workers = options.workers or os.cpu_count() or 1
+    if options.progress:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc="converting", unit="task", leave=True):
+            get(graph, keys, num_workers=workers)
+    else:
+        get(graph, keys, num_workers=workers)
+
+
+def _write_block(block: np.ndarray, store: Any, path: str, present: frozenset[str],
+                 prefix: str, chunk: int, block_info: dict | None = None) -> np.ndarray:
+    """Store one block. A shard is one object, written whole; without sharding, chunks
+    that a previous (interrupted) run already stored are left as they are."""
+    assert block_info is not None
+    configure_zarr()
+    register_image_codecs()
+    array = zarr.open_array(store, path=path, mode="r+")
+    (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    if array.shards is not None or not present:
+        array[:, y0:y1, x0:x1] = block
+        return np.ones((1, 1, 1), np.int64)
+    encode = array.metadata.encode_chunk_key
+    for cy in range(y0, y1, chunk):
+        for cx in range(x0, x1, chunk):
+            if prefix + encode((0, cy // chunk, cx // chunk)) in present:
+                continue
+            cy1, cx1 = min(cy + chunk, y1), min(cx + chunk, x1)
+            array[:, cy:cy1, cx:cx1] = block[:, cy - y0:cy1 - y0, cx - x0:cx1 - x0]
+    return np.ones((1, 1, 1), np.int64)
+
+
+def _block_done(array: zarr.Array, present: set[str], name: str, level: int, by: int,
+                bx: int, layout: Layout, tissue: TissueMask, glass: Glass) -> bool:
+    """Whether a block's objects are all stored (each object is written atomically)."""
+    meta = array.metadata
+    if array.shards is not None:
+        return f"{name}/{meta.encode_chunk_key((0, by, bx))}" in present
+    step = 2**level
+    _, h, w = array.shape
+    n = layout.chunks_per_block
+    for cy in range(by * n, min((by + 1) * n, math.ceil(h / layout.chunk))):
+        for cx in range(bx * n, min((bx + 1) * n, math.ceil(w / layout.chunk))):
+            if glass is not Glass.keep and not tissue.has_tissue(
+                    cy * layout.chunk * step, cx * layout.chunk * step,
+                    layout.chunk * step, layout.chunk * step):
+                continue  # a glass chunk is never stored
+            if f"{name}/{meta.encode_chunk_key((0, cy, cx))}" not in present:
+                return False
+    return True
+
+
+def _finish(group: zarr.Group, info: SlideInfo, names: list[str], options: Options,
+            settings: dict[str, Any], tissue: TissueMask) -> None:
+    """Write the NGFF metadata that marks the image complete: always last."""
+    pixel_size = (info.mpp_y, info.mpp_x) if info.mpp_x and info.mpp_y else None
+    name = Path(info.path).name
+    attrs = ngff.image_attrs(
+        ngff.multiscale(names, pixel_size, name, options.ngff),
+        ngff.omero_rgb(name, options.ngff), options.ngff,
+        extra={
+            "openslide": {k: v for k, v in info.properties.items()},
+            PROGRESS_KEY: {
+                "complete": True, "version": __version__, "settings": settings,
+                "tissue": {"fraction": round(tissue.tissue_fraction, 4),
+                           "mask_downsample": tissue.downsample,
+                           "saturation_threshold": round(tissue.saturation_threshold, 4)},
+                "associated": sorted(info.associated) if options.associated else [],
+            },
+        })
+    group.attrs.put(attrs)  # replaces the "incomplete" marker in one write
+
+
+def _write_associated(group: zarr.Group, info: SlideInfo, zarr_format: int,
+                      version: str) -> None:
+    """Label/macro/thumbnail as one-level NGFF images under ``associated/``, lossless."""
+    parent = group.require_group("associated")
+    for name in info.associated:
+        image = associated_image(info, name)
+        sub = parent.require_group(name)
+        chunks = (3, *(min(1024, n) for n in image.shape[1:]))
+        kwargs: dict[str, Any] = ({"compressors": {"name": "zstd",
+                                                   "configuration": {"level": 5}},
+                                   "dimension_names": ["c", "y", "x"]}
+                                  if zarr_format == 3 else
+                                  {"compressors": {"id": "zstd", "level": 5},
+                                   "chunk_key_encoding": {"name": "v2", "separator": "/"}})
+        arr = sub.create_array("0", shape=image.shape, chunks=chunks, dtype="uint8",
+                               overwrite=True, **kwargs)
+        arr[:] = image
+        sub.attrs.update(ngff.image_attrs(ngff.multiscale(["0"], None, name, version),
+                                          ngff.omero_rgb(name, version), version))
+
+
+def _summary(out: Output, info: SlideInfo, shapes: list, written: int, skipped: int,
+             start: float, megapixels: float, tissue_fraction: float = 0.0,
+             already_complete: bool = False) -> Summary:
+    stored, objects = out.size()
+    return Summary(out.url, shapes, written, skipped, stored, objects,
+                   _source_bytes(info.path), time.perf_counter() - start, megapixels,
+                   tissue_fraction, already_complete)
+
+
+# ---------------------------------------------------------------------------- info
+
+
+def _progress_state(out: Output) -> dict[str, Any] | None:
+    try:
+        group = zarr.open_group(out.store, mode="r")
+    except Exception:  # noqa: BLE001 - not a zarr group
+        return None
+    state = group.attrs.get(PROGRESS_KEY)
+    return state if isinstance(state, dict) else None
+
+
+def open_image(target: str, storage_options: dict[str, Any] | None = None,
+               ) -> tuple[Output, zarr.Group, str, dict[str, Any]]:
+    """Open a finished image: (output, group, NGFF version, multiscales entry)."""
+    register_image_codecs()
+    out = open_output(target, read_only=True, storage_options=storage_options)
+    if not out.exists():
+        raise ConvertError(f"{target}: no such store")
+    try:
+        group = zarr.open_group(out.store, mode="r")
+    except Exception as exc:  # noqa: BLE001
+        raise ConvertError(f"{target}: not a Zarr group: {_one_line(exc)}") from None
+    found = ngff.read_multiscale(dict(group.attrs))
+    if found is None:
+        state = group.attrs.get(PROGRESS_KEY)
+        if isinstance(state, dict) and not state.get("complete"):
+            raise ConvertError(f"{target}: incomplete conversion (no multiscales metadata); "
+                               "re-run ngff-convert with --resume")
+        raise ConvertError(f"{target}: not an OME-Zarr image (no multiscales metadata)")
+    return out, group, found[0], found[1]
+
+
+def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Levels, shapes, codec and stored vs raw bytes of a converted image."""
+    out, group, version, ms = open_image(target, storage_options)
+    levels = []
+    for ds in ms["datasets"]:
+        arr = group[ds["path"]]
+        stored, objects = out.size(ds["path"])
+        raw = int(np.prod(arr.shape)) * arr.dtype.itemsize
+        if arr.metadata.zarr_format == 3:
+            codec = describe_v3([c.to_dict() for c in arr.metadata.codecs])
+        else:
+            comp = arr.metadata.compressor
+            codec = str(comp.get_config() if comp is not None else None)
+        levels.append({
+            "path": ds["path"], "shape": list(arr.shape), "chunks": list(arr.chunks),
+            "shards": list(arr.shards) if arr.shards else None, "codec": codec,
+            "scale": ds["coordinateTransformations"][0]["scale"],
+            "stored_bytes": stored, "objects": objects, "raw_bytes": raw,
+        })
+    unit = next((a.get("unit") for a in ms["axes"] if a["name"] == "x"), None)
+    state = group.attrs.get(PROGRESS_KEY, {})
+    total_stored, total_objects = out.size()
+    raw_total = sum(level["raw_bytes"] for level in levels)
+    return {
+        "store": out.url, "ngff": version, "zarr_format": group.metadata.zarr_format,
+        "name": ms.get("name"), "unit": unit, "levels": levels,
+        "stored_bytes": total_stored, "objects": total_objects, "raw_bytes": raw_total,
+        "source_bytes": state.get("settings", {}).get("source_bytes"),
+        "glass": state.get("settings", {}).get("glass"),
+        "tissue": state.get("tissue"),
+    }
+
+
+# -------------------------------------------------------------------------- verify
+
+
+def verify(source: str, target: str, options: Options | None = None) -> dict[str, Any]:
+    """Per-level PSNR/SSIM of the stored image against the source, and sizes.
+
+    The reference for level k is the source's level 0 halved k times with the same 2x2
+    mean (glass untouched). ``*_tissue`` numbers cover the tissue mask only (the codec's
+    fidelity); ``*_all`` cover every pixel, glass changes included.
+    """
+    from skimage.metrics import structural_similarity  # noqa: F401 - fail early if absent
+
+    options = options or Options()
+    out, group, version, ms = open_image(target, options.storage_options)
+    slide = open_slide(source)
+    state = group.attrs.get(PROGRESS_KEY, {})
+    mask_params = MaskParams(**state.get("settings", {}).get("mask", {})) \
+        if state.get("settings", {}).get("mask") else MaskParams()
+    ds = mask_downsample(slide)
+    tissue = tissue_mask(thumbnail(slide, ds), ds, mask_params)
+    shapes = level_shapes(slide.height, slide.width,
+                          int(state.get("settings", {}).get("chunk", 512)))
+    paths = [d["path"] for d in ms["datasets"]]
+    layout = Layout(512, 4)
+    reference = pyramid(slide, layout, Glass.keep, None)
+    rows = []
+    import dask.array as da
+
+    tasks = []
+    for k, path in enumerate(paths):
+        arr = group[path]
+        if k >= len(shapes) or tuple(arr.shape) != shapes[k]:
+            raise ConvertError(f"{target}: level {path} has shape {tuple(arr.shape)}, the "
+                               f"source gives {shapes[k] if k < len(shapes) else 'none'}")
+        stored = da.from_zarr(arr).rechunk((3, layout.block, layout.block))
+        ref = reference[k]
+        nby, nbx = len(ref.chunks[1]), len(ref.chunks[2])
+        stats = da.map_blocks(_compare_block, stored, ref, tissue=dask.delayed(tissue, pure=True),
+                              step=2**k, dtype=np.float64,
+                              chunks=((1,), (1,) * nby, (6,) * nbx))
+        tasks.append(stats)
+    if options.progress:
+        from tqdm.dask import TqdmCallback
+
+        with TqdmCallback(desc="verifying", unit="task", leave=True):
+            results = dask.compute(*tasks, num_workers=options.workers or os.cpu_count())
+    else:
+        results = dask.compute(*tasks, num_workers=options.workers or os.cpu_count())
+    for path, result in zip(paths, results, strict=True):
+        s = result.reshape(-1, 6).sum(axis=0)
+        stored_bytes, _ = out.size(path)
+        arr = group[path]
+        rows.append({
+            "path": path, "shape": list(arr.shape),
+            "psnr_all": _psnr(s[0], s[1]), "ssim_all": float(s[2] / max(s[1], 1)),
+            "psnr_tissue": _psnr(s[3], s[4]) if s[4] else None,
+            "ssim_tissue": float(s[5] / s[4]) if s[4] else None,
+            "tissue_fraction": float(s[4] / max(s[1], 1)),
+            "stored_bytes": stored_bytes, "raw_bytes": int(np.prod(arr.shape)),
+        })
+    stored_total, _ = out.size()
+    return {"store": out.url, "source": source, "ngff": version, "levels": rows,
+            "stored_bytes": stored_total, "source_bytes": _source_bytes(slide.path)}
+
+
+def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step: int,
+                   block_info: dict | None = None) -> np.ndarray:
+    """[sq.err all, n all, ssim sum all, sq.err tissue, n tissue, ssim sum tissue] (per
+    pixel, channels averaged), SSIM computed in 512-pixel tiles to bound memory."""
+    from skimage.metrics import structural_similarity
+
+    assert block_info is not None
+    (_, _), (y0, _), (x0, _) = block_info[1]["array-location"]
+    _, h, w = ref.shape
+    d = tissue.downsample
+    rows = np.minimum((np.arange(y0, y0 + h) * step) // d, tissue.mask.shape[0] - 1)
+    cols = np.minimum((np.arange(x0, x0 + w) * step) // d, tissue.mask.shape[1] - 1)
+    in_tissue = tissue.mask[np.ix_(rows, cols)]
+    err = ((stored.astype(np.float32) - ref.astype(np.float32)) ** 2).mean(axis=0)
+    ssim = np.empty((h, w), np.float32)
+    tile = 512
+    for ty in range(0, h, tile):
+        for tx in range(0, w, tile):
+            a = stored[:, ty:ty + tile, tx:tx + tile]
+            b = ref[:, ty:ty + tile, tx:tx + tile]
+            win = min(7, *a.shape[1:])
+            if win < 3:
+                ssim[ty:ty + tile, tx:tx + tile] = 1.0 if np.array_equal(a, b) else 0.0
+                continue
+            win -= 1 - win % 2  # odd
+            _, full = structural_similarity(a, b, channel_axis=0, data_range=255, full=True,
+                                            win_size=win)
+            ssim[ty:ty + tile, tx:tx + tile] = full.mean(axis=0)
+    out = np.array([err.sum(), err.size, ssim.sum(), err[in_tissue].sum(), in_tissue.sum(),
+                    ssim[in_tissue].sum()], np.float64)
+    return out.reshape(1, 1, 6)
+
+
+def _psnr(sq_err_sum: float, n: float) -> float:
+    mse = sq_err_sum / max(n, 1)
+    return float("inf") if mse == 0 else float(10 * math.log10(255.0**2 / mse))
+
+
+# ------------------------------------------------------------------------- helpers
+
+
+def _write_png(path: str, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    try:
+        Image.fromarray(rgb).save(path, format="PNG")
+    except OSError as exc:
+        raise ConvertError(f"--mask-out {path}: {_one_line(exc)}") from None
+
+
+def _source_bytes(path: str) -> int:
+    """Size of a slide on disk, companion files included for multi-file formats."""
+    p = Path(path)
+    total = p.stat().st_size
+    companion = p.with_suffix("")  # MIRAX: slide.mrxs + slide/ directory
+    if p.suffix.lower() == ".mrxs" and companion.is_dir():
+        total += sum(f.stat().st_size for f in companion.rglob("*") if f.is_file())
+    return total
+
+
+def _jsonable(value: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,96 @@
+"""Crash safety: a killed conversion looks incomplete, and --resume finishes it without
+rewriting what was already written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SLIDES = REPO.parent / "shared" / "data" / "slides"
+CMU = "aperio/CMU-1-Small-Region.svs"
+
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "ngff_convert", *map(str, args)]
+
+
+@pytest.mark.parametrize("codec", ["dlwsi", "jpeg"])
+def test_resume_after_kill(slides, tmp_path, codec):
+    out = tmp_path / "out.zarr"
+    args = [slides / CMU, out, "--codec", codec, "--workers", "1", "--shard", "1",
+            "--no-progress"]
+    proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=os.environ.copy())
+    level0 = out / "0" / "c"
+    deadline = time.monotonic() + 300
+    try:
+        # kill it (no clean-up possible) once some level-0 chunks are written
+        while time.monotonic() < deadline and proc.poll() is None:
+            written = [p for p in level0.rglob("*") if p.is_file()] if level0.exists() else []
+            if len(written) >= 3:
+                break
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            pytest.fail(f"conversion ended before it could be killed: {proc.stderr.read()}")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    first = {p: p.stat().st_mtime_ns for p in level0.rglob("*") if p.is_file()}
+    assert first
+    # a half-written store never looks complete
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    assert "ome" not in attrs and attrs["ngff_convert"]["complete"] is False
+    info = subprocess.run(cli("info", out), capture_output=True, text=True)
+    assert info.returncode != 0 and "incomplete" in info.stderr
+    again = subprocess.run(cli(*args), capture_output=True, text=True)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    # resume finishes it, leaving every chunk object of the first run untouched
+    done = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "already done" in done.stdout
+    for path, mtime in first.items():
+        assert path.stat().st_mtime_ns == mtime, path
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    assert attrs["ome"]["multiscales"] and attrs["ngff_convert"]["complete"] is True
+    # the result equals an uninterrupted conversion
+    fresh = tmp_path / "fresh.zarr"
+    subprocess.run(cli(slides / CMU, fresh, "--codec", codec, "--shard", "1",
+                       "--no-progress"), check=True, capture_output=True)
+    resumed = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    whole = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
+    assert resumed == whole
+    for rel in whole:
+        if "/c/" in rel:
+            assert (out / rel).read_bytes() == (fresh / rel).read_bytes(), rel
+    # resuming a complete store does nothing
+    noop = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
+    assert noop.returncode == 0 and "already complete" in noop.stderr
+
+
+def test_resume_with_other_settings_is_refused(slides, tmp_path):
+    out = tmp_path / "out.zarr"
+    args = [slides / CMU, out, "--codec", "jpeg", "--no-progress"]
+    proc = subprocess.Popen(cli(*args, "--workers", "1"), stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "0" / "zarr.json").exists():
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    if not (out / "zarr.json").exists():
+        pytest.skip("killed before the store was created")
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    if "ome" in attrs:
+        pytest.skip("conversion finished before it could be killed")
+    bad = subprocess.run(cli(*args, "--resume", "--glass", "keep"), capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "different settings" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
