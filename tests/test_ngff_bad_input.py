@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ngff_helpers import assert_one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -21,16 +22,6 @@ SMALL = "dicom/highdicom_sm_image/sm_image.dcm"  # a tiny valid slide: fast conv
 def run_cli(*args: object) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ngff_convert", *map(str, args)],
                           capture_output=True, text=True, timeout=600, env=os.environ.copy())
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("ngff-convert: error:"), lines[0]
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def assert_not_an_image(path: Path) -> None:

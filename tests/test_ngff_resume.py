@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ngff_helpers import kill_once_written
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -31,19 +32,8 @@ def test_resume_after_kill(slides, tmp_path, codec):
     proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=os.environ.copy())
     level0 = out / "0" / "c"
-    deadline = time.monotonic() + 300
-    try:
-        # kill it (no clean-up possible) once some level-0 chunks are written
-        while time.monotonic() < deadline and proc.poll() is None:
-            written = [p for p in level0.rglob("*") if p.is_file()] if level0.exists() else []
-            if len(written) >= 3:
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            pytest.fail(f"conversion ended before it could be killed: {proc.stderr.read()}")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_written(proc, lambda: sum(p.is_file() for p in level0.rglob("*"))
+                      if level0.exists() else 0)
     first = {p: p.stat().st_mtime_ns for p in level0.rglob("*") if p.is_file()}
     assert first
     # a half-written store never looks complete

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ngff_helpers import assert_one_line_error, kill_once_written
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -288,18 +288,8 @@ def test_resume_on_s3(slides, s3, tmp_path):
             "--workers", "1", "--no-progress"]
     proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env)
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            written = [k for k in s3.keys("cmu.zarr", bucket) if k.startswith("0/c/")]
-            if len(written) >= 3:
-                break
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            pytest.fail(f"conversion ended before it could be killed: {proc.stderr.read()}")
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    kill_once_written(proc, lambda: sum(k.startswith("0/c/")
+                                        for k in s3.keys("cmu.zarr", bucket)))
     first = s3.keys("cmu.zarr", bucket)
     assert any(k.startswith("0/c/") for k in first)
     attrs = json.loads(s3.read("cmu.zarr/zarr.json", bucket))["attributes"]
@@ -335,16 +325,6 @@ def test_resume_on_s3(slides, s3, tmp_path):
 
 
 # ------------------------------------------------------------------------ bad input
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *words: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert lines[0].startswith("ngff-convert: error:"), lines[0]
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 def timed(env: dict[str, str], *args: object) -> tuple[subprocess.CompletedProcess, float]:

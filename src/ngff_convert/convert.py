@@ -131,6 +131,7 @@ def convert(source: str, target: str, options: Options,
                 log(f"{out.url}: already complete, nothing to do")
                 return _summary(out, info, [], 0, 0, start, 0.0, already_complete=True)
             resuming = True
+            out.discard_partial_writes()
         elif options.overwrite:
             out.remove()
         else:

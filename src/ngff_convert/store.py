@@ -54,6 +54,20 @@ class Output:
         elif self.fs.exists(self.fs_path):
             self.fs.rm(self.fs_path, recursive=True)
 
+    def discard_partial_writes(self) -> int:
+        """Remove zarr's temporary ``*.partial`` files left by a killed local write.
+
+        zarr's LocalStore writes each object to ``<key>.<uuid>.partial`` and renames it into
+        place, so a kill leaves the temporary file but never a half-written object. Object
+        stores upload atomically and leave nothing behind.
+        """
+        if self.local is None or not self.local.is_dir():
+            return 0
+        stale = [p for p in self.local.rglob("*.partial") if p.is_file()]
+        for path in stale:
+            path.unlink()
+        return len(stale)
+
     def keys(self, prefix: str) -> set[str]:
         """Keys stored under ``prefix`` (one listing, not one request per key)."""
         async def collect() -> set[str]:
