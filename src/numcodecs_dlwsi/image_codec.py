@@ -145,10 +145,16 @@ def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
     names it.
     """
     pending: list[DecodedLatents] = []
+    found: dict[tuple, ModelRef] = {}  # one manifest look-up per model, not per chunk
     with timer("entropy_decode_z"):
         for chunk in chunks:
             header, payload = unpack(chunk)
-            chunk_ref = ref if ref is not None else ref_for_chunk(header)
+            chunk_ref = ref
+            if chunk_ref is None:
+                key = (header.model_id, header.quality, header.model_hash_prefix)
+                if key not in found:
+                    found[key] = ref_for_chunk(header)
+                chunk_ref = found[key]
             _check_pinned(header, chunk_ref)
             model = load(chunk_ref)
             hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64

@@ -23,7 +23,7 @@ from ..entropy_coding import quantize_pmf
 from ..hyper_synthesis import FRACTION_BITS
 from ..model_file import MODEL_FILE_FORMAT, PAD_MULTIPLE, write_model_file
 from ..model_store import register_model
-from .data import VALIDATION_FILES, default_data_root, he_files
+from .data import TRAINING_SLIDES, VALIDATION_FILES, default_data_root, he_files
 from .model import ARCHITECTURE, Analysis, LiteMeanScaleHyperprior, Synthesis
 
 WEIGHT_BITS = 13  # |quantized weight| < 2**13, see hyper_synthesis.IntegerLayer's bound
@@ -100,11 +100,8 @@ def gaussian_tables(scale_table: np.ndarray) -> tuple[list, list]:
 
 
 def _training_record(data_root: Path) -> list[str]:
-    root = data_root
-    files = [p.relative_to(root).as_posix() for p in he_files(root, "train")]
-    from .data import TRAINING_SLIDES
-
-    return files + [s for s in TRAINING_SLIDES if (root / s).exists()]
+    files = [p.relative_to(data_root).as_posix() for p in he_files(data_root, "train")]
+    return files + [s for s in TRAINING_SLIDES if (data_root / s).exists()]
 
 
 def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
