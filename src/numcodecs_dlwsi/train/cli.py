@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--crop", type=int, default=128)
     train.add_argument("--lr", type=float,
                        help="Adam learning rate (new runs: 5e-4; resuming: lower it)")
+    train.add_argument("--latent", type=int, default=96,
+                       help="latent channels M (a narrower --init checkpoint is widened)")
+    train.add_argument("--hyper", type=int, default=0,
+                       help="hyper-synthesis hidden width (0 = same as --latent)")
+    train.add_argument("--ssim-weight", type=float, default=0.0,
+                       help="share of the distortion measured as 1-SSIM instead of MSE (0-1)")
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
     train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
@@ -61,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads:
             torch.set_num_threads(args.threads)
         config = TrainConfig(lmbda=args.lmbda, steps=args.steps, batch=args.batch,
-                             crop=args.crop, lr=args.lr,
+                             crop=args.crop, lr=args.lr, M=args.latent, hyper=args.hyper,
+                             ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None)
         train(args.run, config, data_root=args.data)
         return 0

@@ -133,8 +133,15 @@ class CropSampler:
             yield self.batch(16)
 
 
+def downsample(image: np.ndarray, factor: int) -> np.ndarray:
+    """Box-filter downsample by an integer factor, like the converter's pyramid."""
+    h, w = image.shape[0] // factor, image.shape[1] // factor
+    blocks = image[: h * factor, : w * factor].reshape(h, factor, w, factor, 3)
+    return np.rint(blocks.mean((1, 3))).astype(np.uint8)
+
+
 def load_training_images(root: Path, with_slides: bool = True) -> list[np.ndarray]:
-    """Every training-side H&E image, plus the training slides at two scales."""
+    """Every training-side H&E image, plus the training slides at three scales."""
     images = [read_image(p) for p in he_files(root, "train")]
     if with_slides:
         for rel in TRAINING_SLIDES:
@@ -142,9 +149,9 @@ def load_training_images(root: Path, with_slides: bool = True) -> list[np.ndarra
             if path.exists():
                 full = read_slide(path, 0)
                 images.append(full)
-                half = full[: full.shape[0] // 2 * 2, : full.shape[1] // 2 * 2]
-                half = half.reshape(half.shape[0] // 2, 2, half.shape[1] // 2, 2, 3).mean((1, 3))
-                images.append(np.rint(half).astype(np.uint8))
+                # pyramid levels are stored too, and downsampled tissue is denser in detail
+                for factor in (2, 4):
+                    images.append(downsample(full, factor))
     return images
 
 

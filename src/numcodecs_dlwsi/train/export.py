@@ -116,7 +116,7 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
     cfg = state["model_config"]
     if cfg["architecture"] != ARCHITECTURE:
         raise ValueError(f"checkpoint architecture {cfg['architecture']} is not {ARCHITECTURE}")
-    model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"])
+    model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0))
     model.load_state_dict(state["model"])
     model.eval()
 
@@ -129,7 +129,8 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
         "model": family,
         "quality": quality,
         "architecture": ARCHITECTURE,
-        "N": cfg["N"], "M": cfg["M"], "last": cfg["last"],
+        "N": cfg["N"], "M": cfg["M"], "last": cfg["last"], "hyper": cfg.get("hyper", cfg["M"]),
+        "ssim_weight": state["config"].get("ssim_weight", 0.0),
         "pad_multiple": PAD_MULTIPLE,
         "fraction_bits": FRACTION_BITS,
         "lambda": state["config"]["lmbda"],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from compressai.layers import GDN
 from compressai.models import MeanScaleHyperprior
-from compressai.models.utils import deconv
+from compressai.models.utils import conv, deconv
 from torch import Tensor, nn
 
 #: Architecture name stored in every exported model; the runtime checks it.
@@ -29,9 +29,20 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
     what the synthesis sees (Minnen & Singh 2020), so training matches decoding.
     """
 
-    def __init__(self, N: int = 64, M: int = 96, last: int = 32) -> None:
+    def __init__(self, N: int = 64, M: int = 96, last: int = 32, hyper: int = 0) -> None:
         super().__init__(N=N, M=M)
         self.last = last
+        # h_s runs in exact integer arithmetic on the CPU, so its hidden width is kept
+        # independent of M: a wider latent costs only h_s's last layer (0 = CompressAI's M)
+        self.hyper = hyper or M
+        if self.hyper != M:
+            self.h_s = nn.Sequential(
+                deconv(N, self.hyper),
+                nn.LeakyReLU(inplace=True),
+                deconv(self.hyper, self.hyper * 3 // 2),
+                nn.LeakyReLU(inplace=True),
+                conv(self.hyper * 3 // 2, M * 2, stride=1, kernel_size=3),
+            )
         self.g_s = nn.Sequential(
             deconv(M, N),
             GDN(N, inverse=True),
@@ -55,7 +66,49 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     def config(self) -> dict:
-        return {"architecture": ARCHITECTURE, "N": self.N, "M": self.M, "last": self.last}
+        return {"architecture": ARCHITECTURE, "N": self.N, "M": self.M, "last": self.last,
+                "hyper": self.hyper}
+
+
+def widen_state(state: dict[str, Tensor], target: LiteMeanScaleHyperprior) -> dict[str, Tensor]:
+    """A checkpoint of a narrower model mapped into ``target`` without changing its output.
+
+    Every old weight keeps its place, new weights keep ``target``'s fresh initialisation,
+    and weights from new input channels to old outputs are zero, so reconstructions and
+    rates start where the narrow model was and only the new latent channels are learned
+    from scratch (Net2Net-style widening: a wider latent reuses the narrow model's training).
+    """
+    out = {name: value.clone() for name, value in target.state_dict().items()}
+    for name, old in state.items():
+        if name not in out:
+            raise ValueError(f"checkpoint has {name}, which the wider model lacks")
+        value = out[name]
+        if name.startswith("h_s.4."):
+            # the last h_s layer emits (scales, means): each half maps to its own half
+            half_old, half_new = old.shape[0] // 2, value.shape[0] // 2
+            _copy_block(value[:half_old], old[:half_old])
+            _copy_block(value[half_new : half_new + half_old], old[half_old:])
+            if value.ndim == 4:
+                value[:half_old, old.shape[1]:] = 0.0
+                value[half_new : half_new + half_old, old.shape[1]:] = 0.0
+        else:
+            _copy_block(value, old)
+    for name, module in target.named_modules():
+        weight = f"{name}.weight"
+        if weight not in state or name.startswith("h_s.4"):
+            continue
+        old = state[weight]
+        if isinstance(module, nn.ConvTranspose2d):  # weight is (in, out, kh, kw)
+            out[weight][old.shape[0]:, : old.shape[1]] = 0.0
+        elif isinstance(module, nn.Conv2d):  # weight is (out, in, kh, kw)
+            out[weight][: old.shape[0], old.shape[1]:] = 0.0
+    return out
+
+
+def _copy_block(target: Tensor, source: Tensor) -> None:
+    if any(s > t for s, t in zip(source.shape, target.shape, strict=True)):
+        raise ValueError(f"cannot narrow {tuple(source.shape)} into {tuple(target.shape)}")
+    target[tuple(slice(0, n) for n in source.shape)] = source
 
 
 class Analysis(nn.Module):

@@ -1,0 +1,232 @@
+"""Rate-distortion of dlwsi models beside JPEG, JPEG-XL, AVIF and JPEG 2000, with BD-rates.
+
+Every codec runs on the same held-out H&E tiles (train/data.py's validation split, never
+seen in training). Classical codecs are swept over their quality setting, each dlwsi
+model family over its quality ladder. Bits per pixel count every byte of each encoded
+tile (dlwsi's chunk header included). BD-rate (Bjontegaard) is the average bit-rate
+difference at equal quality over the range both curves cover, with piecewise-cubic
+(PCHIP) interpolation of log-rate; SSIM is compared in dB, -10 log10(1 - SSIM), where
+the curves are close to straight.
+
+    python benchmarks/rd.py --json docs/rd.json --plot docs/rd.png
+    python benchmarks/rd.py --model he-mshl-v1 --model he-mshl-v2   # compare families
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+from scipy.interpolate import PchipInterpolator
+from scipy.ndimage import gaussian_filter
+
+from numcodecs_dlwsi import image_codec
+from numcodecs_dlwsi.model_store import default_model, qualities, resolve
+from numcodecs_dlwsi.train.data import default_data_root, validation_tiles
+
+Encoder = Callable[[np.ndarray], bytes]
+Decoder = Callable[[bytes], np.ndarray]
+#: BD-rates are reported against these, in this order
+REFERENCES = ("JPEG", "JPEG-XL", "AVIF", "JPEG 2000")
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM over RGB channels (Wang et al. 2004, Gaussian window sigma 1.5)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    scores = []
+    for ca, cb in zip(a, b, strict=True):
+        mu_a, mu_b = gaussian_filter(ca, 1.5), gaussian_filter(cb, 1.5)
+        var_a = gaussian_filter(ca * ca, 1.5) - mu_a**2
+        var_b = gaussian_filter(cb * cb, 1.5) - mu_b**2
+        cov = gaussian_filter(ca * cb, 1.5) - mu_a * mu_b
+        s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
+            (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        scores.append(s[5:-5, 5:-5].mean())
+    return float(np.mean(scores))
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0**2 / max(mse, 1e-12))
+
+
+def ssim_db(value: float) -> float:
+    return -10.0 * np.log10(max(1.0 - value, 1e-12))
+
+
+def measure(tiles: np.ndarray, encode: Encoder, decode: Decoder) -> dict:
+    """Rate and mean quality of one codec setting over all tiles ((3, H, W) uint8)."""
+    bits, psnrs, ssims = 0, [], []
+    for tile in tiles:
+        blob = encode(tile)
+        back = decode(blob)
+        bits += 8 * len(blob)
+        psnrs.append(psnr(back, tile))
+        ssims.append(ssim(back, tile))
+    pixels = tiles.shape[0] * tiles.shape[2] * tiles.shape[3]
+    return {"bpp": bits / pixels, "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims))}
+
+
+def _hwc(t: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(t.transpose(1, 2, 0))
+
+
+def _chw(t: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(t.transpose(2, 0, 1))
+
+
+def baselines() -> dict[str, tuple[list, Callable[[object], Encoder], Decoder]]:
+    """name -> (settings, setting -> encoder, decoder), all through imagecodecs."""
+    codecs = {
+        "JPEG": (list(range(10, 100, 5)) + [97],
+                 lambda q: lambda t: imagecodecs.jpeg_encode(_hwc(t), level=q),
+                 lambda b: _chw(imagecodecs.jpeg_decode(b))),
+        "JPEG-XL": ([8.0, 6.0, 4.0, 3.0, 2.5, 2.0, 1.5, 1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.2],
+                    lambda d: lambda t: imagecodecs.jpegxl_encode(_hwc(t), distance=d, effort=7),
+                    lambda b: _chw(imagecodecs.jpegxl_decode(b))),
+        "AVIF": (list(range(20, 100, 5)) + [97],
+                 lambda q: lambda t: imagecodecs.avif_encode(_hwc(t), level=q, speed=6),
+                 lambda b: _chw(imagecodecs.avif_decode(b))),
+        # imagecodecs' level is the target PSNR of the single quality layer
+        "JPEG 2000": ([22, 25, 28, 30, 32, 34, 36, 38, 40, 43, 46, 50],
+                      lambda q: lambda t: imagecodecs.jpeg2k_encode(_hwc(t), level=q),
+                      lambda b: _chw(imagecodecs.jpeg2k_decode(b))),
+    }
+    return {name: c for name, c in codecs.items() if _available(name)}
+
+
+def _available(name: str) -> bool:
+    flag = {"JPEG": "JPEG8", "JPEG-XL": "JPEGXL", "AVIF": "AVIF", "JPEG 2000": "JPEG2K"}[name]
+    return bool(getattr(imagecodecs, flag).available)
+
+
+def bd_rate(test: list[dict], reference: list[dict], metric: str) -> float | None:
+    """Average rate change of ``test`` vs ``reference`` at equal ``metric``, in percent.
+
+    None when the curves share no quality range (or a curve has under two points).
+    """
+    def curve(points: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        quality = [ssim_db(p["ssim"]) if metric == "ssim" else p[metric] for p in points]
+        order = np.argsort(quality)
+        q = np.asarray(quality)[order]
+        r = np.log(np.asarray([p["bpp"] for p in points]))[order]
+        keep = np.concatenate([[True], np.diff(q) > 1e-9])  # PCHIP needs increasing x
+        return q[keep], r[keep]
+
+    q_test, r_test = curve(test)
+    q_ref, r_ref = curve(reference)
+    if len(q_test) < 2 or len(q_ref) < 2:
+        return None
+    low, high = max(q_test[0], q_ref[0]), min(q_test[-1], q_ref[-1])
+    if high <= low:
+        return None
+    area_test = PchipInterpolator(q_test, r_test).integrate(low, high)
+    area_ref = PchipInterpolator(q_ref, r_ref).integrate(low, high)
+    return float((np.exp((area_test - area_ref) / (high - low)) - 1.0) * 100.0)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    curves = {**results["baselines"], **results["dlwsi"]}
+    for name, points in curves.items():
+        bpp = [p["bpp"] for p in points]
+        style = "o-" if name in results["dlwsi"] else ".--"
+        axes[0].plot(bpp, [p["ssim"] for p in points], style, label=name)
+        axes[1].plot(bpp, [p["psnr"] for p in points], style, label=name)
+    for ax, label in zip(axes, ("SSIM", "PSNR (dB)"), strict=True):
+        ax.set_xlabel("bits per pixel")
+        ax.set_ylabel(label)
+        ax.set_xlim(0, 4)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylim(0.8, 1.0)
+    axes[1].set_ylim(26, 46)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"H&E rate-distortion, {results['tiles']} held-out 256x256 tiles")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def _dlwsi_curve(tiles: np.ndarray, model: str) -> list[dict]:
+    points = []
+    for quality in qualities(model):
+        ref = resolve(model, quality)
+        point = measure(tiles, lambda t, r=ref: image_codec.encode_batch([t], r)[0],
+                        image_codec.decode)
+        points.append(dict(point, setting=quality, sha256=ref.sha256))
+    return points
+
+
+def _print_report(results: dict) -> None:
+    print(f"{results['tiles']} held-out H&E tiles of 256x256 ({results['machine']})")
+    print(f"{'codec':<22}{'bpp':>7}{'PSNR':>8}{'SSIM':>8}")
+    for name, points in {**results["dlwsi"], **results["baselines"]}.items():
+        for p in points:
+            label = f"{name} {'q' if name in results['dlwsi'] else ''}{p['setting']}"
+            print(f"{label:<22}{p['bpp']:>7.3f}{p['psnr']:>8.2f}{p['ssim']:>8.4f}")
+    print("\nBD-rate (negative = fewer bits than the reference at equal quality)")
+    refs = [r for r in REFERENCES if r in results["baselines"]]
+    print(f"{'codec':<22}" + "".join(f"{'vs ' + r:>26}" for r in refs))
+    print(f"{'':<22}" + "".join(f"{'SSIM':>13}{'PSNR':>13}" for _ in refs))
+    for name, rates in results["bd_rate"].items():
+        cells = ""
+        for ref in refs:
+            for metric in ("ssim", "psnr"):
+                value = rates[ref][metric]
+                cells += f"{value:>12.1f}%" if value is not None else f"{'n/a':>13}"
+        print(f"{name:<22}{cells}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append",
+                        help="dlwsi model family (repeatable; default: the installed default)")
+    parser.add_argument("--per-image", type=int, default=8,
+                        help="256x256 tiles per held-out image (most tissue first)")
+    parser.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
+    parser.add_argument("--json", type=Path, help="write every measurement here")
+    parser.add_argument("--plot", type=Path, help="write the rate-distortion plot (PNG) here")
+    args = parser.parse_args()
+    root = args.data or default_data_root()
+    if not (root / "he").is_dir():
+        print(f"rd: no H&E data at {root}", file=sys.stderr)
+        return 2
+    tiles = validation_tiles(root, size=256, per_image=args.per_image)
+    started = time.time()
+    results: dict = {"tiles": int(len(tiles)), "dlwsi": {}, "baselines": {}, "bd_rate": {},
+                     "machine": platform.processor() or platform.machine()}
+    for model in args.model or [default_model()]:
+        results["dlwsi"][model] = _dlwsi_curve(tiles, model)
+    for name, (settings, make_encoder, decode) in baselines().items():
+        results["baselines"][name] = [dict(measure(tiles, make_encoder(s), decode), setting=s)
+                                      for s in settings]
+    for name, points in {**results["dlwsi"], **results["baselines"]}.items():
+        results["bd_rate"][name] = {
+            ref: {m: bd_rate(points, curve, m) for m in ("ssim", "psnr")}
+            for ref, curve in results["baselines"].items()}
+    results["seconds"] = round(time.time() - started, 1)
+    _print_report(results)
+    print(f"({results['seconds']:.0f} s)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
