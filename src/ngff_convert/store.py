@@ -225,7 +225,9 @@ def open_output(target: str, *, read_only: bool = False,
         raise ConvertError(f"{target}: --storage-option applies to URLs (s3://...), "
                            "not to local paths")
     path = Path(target).expanduser()
-    store = zarr.storage.LocalStore(path, read_only=read_only)
+    # absolute: the store travels to dask.distributed workers, whose working
+    # directory is not ours
+    store = zarr.storage.LocalStore(path.absolute(), read_only=read_only)
     return Output(url=str(path), store=store, local=path)
 
 
