@@ -48,3 +48,91 @@ def test_export_gives_a_model_the_reader_decodes(tiny_run, tmp_path, monkeypatch
         model.meta["trained_on"])
     chunk = image_codec.encode_batch([he_tile], ref)[0]
     assert image_codec.decode_batch([chunk], ref)[0].shape == he_tile.shape
+
+
+def _small_data_root(tmp_path, data_root):
+    """Two training images and one validation image of the real data, linked."""
+    from numcodecs_dlwsi.train.data import VALIDATION_FILES
+
+    train_files = ["he/tcga_tiles_mopadi/TCGA-3X-AAVA-01Z-00-DX1__0_0_0_506.jpg",
+                   "he/torchstain/source.png"]
+    val_file = "he/torchstain/target.png"
+    assert val_file in VALIDATION_FILES
+    root = tmp_path / "data"
+    for rel in [*train_files, val_file]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(data_root / rel)
+    return root, train_files, val_file
+
+
+def test_a_data_pack_trains_with_bf16_and_the_run_goes_on(tmp_path, data_root):
+    import torch
+
+    from numcodecs_dlwsi.train.data import read_image
+    from numcodecs_dlwsi.train.pack import build_pack, load_pack
+
+    root, train_files, val_file = _small_data_root(tmp_path, data_root)
+    pack = tmp_path / "pack.npz"
+    meta = build_pack(root, pack, budget_mb=2, tile=128, min_side=128, val_per_image=1,
+                      log=False)
+    assert meta["trained_on"] == sorted(train_files)
+    assert meta["validation_files"] == [val_file]
+    loaded = load_pack(pack)
+    for (rel, factor, y, x, h, w), region in zip(meta["regions"], loaded.regions, strict=True):
+        assert factor == 1  # lossless: each region is exactly its rectangle of the source
+        assert np.array_equal(region, read_image(root / rel)[y : y + h, x : x + w])
+    assert loaded.val.shape == (1, 3, 256, 256)
+
+    run = tmp_path / "run"
+    config = TrainConfig(lmbda=0.01, steps=1, batch=2, crop=64, N=16, M=24, last=8)
+    train(run, config, log_every=1, val_every=10, data_pack=pack, amp="bf16", minutes=5)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert all(t.device.type == "cpu" for t in state["model"].values())
+    assert state["data_packs"][0]["trained_on"] == sorted(train_files)
+    # a GPU run goes on elsewhere with other crops; a wall-clock limit of 0 stops after a step
+    config.steps, config.crop = 10, 128
+    train(run, config, log_every=1, val_every=10, data_pack=pack, minutes=0,
+          overrides=("crop",))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2]
+    assert log[0]["amp"] == "bf16" and "amp" not in log[1]
+    assert np.isfinite(log[-1]["val_bpp"])  # stopping early validates and saves
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert json.loads((run / "config.json").read_text())["crop"] == 128
+
+
+def test_torch_crop_sampler_draws_windows_in_all_eight_symmetries():
+    from numcodecs_dlwsi.train.pack import TorchCropSampler
+
+    image = np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3)
+    batch = TorchCropSampler([image], crop=3, seed=0).batch(2000)
+    crops = (batch * 255).round().byte().numpy()
+    windows = [image[y : y + 3, x : x + 3].transpose(2, 0, 1)
+               for y in range(3) for x in range(5)]
+    variants = {np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))).tobytes()
+                for w in windows for v in (w, w[:, :, ::-1]) for k in range(4)}
+    seen = {crop.tobytes() for crop in crops}
+    assert seen == variants  # every window, flipped and rotated every way, and nothing else
+
+
+def test_widening_the_latent_keeps_what_the_narrow_model_computes():
+    """A narrow checkpoint widened to more latent channels reconstructs exactly as before,
+    and the old channels keep their rates; only the new channels start from scratch."""
+    import torch
+
+    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior, widen_state
+
+    torch.manual_seed(0)
+    narrow = LiteMeanScaleHyperprior(N=16, M=24, last=8).eval()
+    wide = LiteMeanScaleHyperprior(N=16, M=48, last=8, hyper=24)
+    wide.load_state_dict(widen_state(narrow.state_dict(), wide))
+    wide.eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = narrow(x), wide(x)
+    assert torch.equal(a["x_hat"], b["x_hat"])
+    assert torch.equal(a["likelihoods"]["z"], b["likelihoods"]["z"])
+    assert torch.equal(a["likelihoods"]["y"], b["likelihoods"]["y"][:, :24])
+    assert not torch.equal(wide.g_a[6].weight[24:], torch.zeros_like(wide.g_a[6].weight[24:]))
+    with pytest.raises(ValueError, match="cannot narrow"):
+        narrow.load_state_dict(widen_state(wide.state_dict(), narrow))

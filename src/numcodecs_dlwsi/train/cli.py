@@ -23,8 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--lmbda", type=float, default=0.0483,
                        help="rate-distortion trade-off (higher = better quality)")
     train.add_argument("--steps", type=int, default=3000, help="total steps of the run")
-    train.add_argument("--batch", type=int, default=8)
-    train.add_argument("--crop", type=int, default=128)
+    train.add_argument("--batch", type=int,
+                       help="crops per step (new runs: 8; resuming: changes the run's)")
+    train.add_argument("--crop", type=int,
+                       help="crop side in pixels (new runs: 128; resuming: changes the run's)")
     train.add_argument("--lr", type=float,
                        help="Adam learning rate (new runs: 5e-4; resuming: lower it)")
     train.add_argument("--latent", type=int, default=96,
@@ -36,6 +38,31 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
     train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
+    train.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
+    train.add_argument("--amp", choices=("none", "bf16"), default="none",
+                       help="bf16 autocast for the transforms (entropy models stay float32)")
+    train.add_argument("--minutes", type=float,
+                       help="wall-clock limit: save, log and stop cleanly after this long")
+    train.add_argument("--data-pack", type=Path,
+                       help="train from a pack made by 'dlwsi-train pack' instead of --data")
+
+    pack = sub.add_parser(
+        "pack",
+        help="pack a lossless sample of the training side into one file",
+        description="Write a byte-budgeted .npz of training regions (lossless) and the "
+                    "validation tiles, for training where shared/data is not (a GPU machine).",
+    )
+    pack.add_argument("out", type=Path, help="pack file to write (.npz)")
+    pack.add_argument("--budget-mb", type=float, default=20.0, help="size limit in MiB")
+    pack.add_argument("--tile", type=int, default=256,
+                      help="regions are tiles of the training images of about this side")
+    pack.add_argument("--min-side", type=int, default=256,
+                      help="leave out images smaller than this (the largest crop to train on)")
+    pack.add_argument("--val-per-image", type=int, default=4,
+                      help="validation tiles per validation image (0 = none; train uses 4)")
+    pack.add_argument("--codec", choices=("webp", "png"), default="webp")
+    pack.add_argument("--seed", type=int, default=0)
+    pack.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
 
     export = sub.add_parser(
         "export",
@@ -55,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "pack":
+        from .data import default_data_root
+        from .pack import build_pack
+
+        build_pack(args.data or default_data_root(), args.out, budget_mb=args.budget_mb,
+                   tile=args.tile, min_side=args.min_side, val_per_image=args.val_per_image,
+                   seed=args.seed, codec=args.codec)
+        return 0
     try:
         import torch
     except ImportError:
@@ -66,11 +101,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        config = TrainConfig(lmbda=args.lmbda, steps=args.steps, batch=args.batch,
-                             crop=args.crop, lr=args.lr, M=args.latent, hyper=args.hyper,
-                             ssim_weight=args.ssim_weight,
+        overrides = tuple(name for name in ("batch", "crop") if getattr(args, name) is not None)
+        config = TrainConfig(lmbda=args.lmbda, steps=args.steps,
+                             batch=args.batch or TrainConfig.batch,
+                             crop=args.crop or TrainConfig.crop, lr=args.lr, M=args.latent,
+                             hyper=args.hyper, ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None)
-        train(args.run, config, data_root=args.data)
+        train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,
+              minutes=args.minutes, data_pack=args.data_pack, overrides=overrides)
         return 0
     from .export import export_model
 

@@ -140,19 +140,25 @@ def downsample(image: np.ndarray, factor: int) -> np.ndarray:
     return np.rint(blocks.mean((1, 3))).astype(np.uint8)
 
 
-def load_training_images(root: Path, with_slides: bool = True) -> list[np.ndarray]:
-    """Every training-side H&E image, plus the training slides at three scales."""
-    images = [read_image(p) for p in he_files(root, "train")]
+def training_sources(root: Path, with_slides: bool = True
+                     ) -> Iterator[tuple[str, int, np.ndarray]]:
+    """(file relative to ``root``, downsample factor, image) of every training image."""
+    for path in he_files(root, "train"):
+        yield path.relative_to(root).as_posix(), 1, read_image(path)
     if with_slides:
         for rel in TRAINING_SLIDES:
             path = root / rel
             if path.exists():
                 full = read_slide(path, 0)
-                images.append(full)
+                yield rel, 1, full
                 # pyramid levels are stored too, and downsampled tissue is denser in detail
                 for factor in (2, 4):
-                    images.append(downsample(full, factor))
-    return images
+                    yield rel, factor, downsample(full, factor)
+
+
+def load_training_images(root: Path, with_slides: bool = True) -> list[np.ndarray]:
+    """Every training-side H&E image, plus the training slides at three scales."""
+    return [image for _, _, image in training_sources(root, with_slides)]
 
 
 def validation_tiles(root: Path, size: int = 256, per_image: int = 8) -> np.ndarray:

@@ -55,14 +55,20 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
 
     def forward(self, x: Tensor) -> dict:
         y = self.g_a(x)
-        z = self.h_a(y)
-        _, z_likelihoods = self.entropy_bottleneck(z)
-        z_offset = self.entropy_bottleneck._get_medians()
-        z_hat = ste_round(z - z_offset) + z_offset
-        scales_hat, means_hat = self.h_s(z_hat).chunk(2, 1)
-        _, y_likelihoods = self.gaussian_conditional(y, scales_hat, means=means_hat)
-        y_hat = ste_round(y - means_hat) + means_hat
-        x_hat = self.g_s(y_hat)
+        # Under mixed precision (training with --amp bf16) only g_a and g_s run in bf16:
+        # the hyperprior and both entropy models stay in float32, since bf16 likelihoods
+        # (8 mantissa bits) break the rate term, and h_s is exact integer code when decoding.
+        # Without autocast this block and the casts change nothing.
+        with torch.autocast(x.device.type, enabled=False):
+            y = y.float()
+            z = self.h_a(y)
+            _, z_likelihoods = self.entropy_bottleneck(z)
+            z_offset = self.entropy_bottleneck._get_medians()
+            z_hat = ste_round(z - z_offset) + z_offset
+            scales_hat, means_hat = self.h_s(z_hat).chunk(2, 1)
+            _, y_likelihoods = self.gaussian_conditional(y, scales_hat, means=means_hat)
+            y_hat = ste_round(y - means_hat) + means_hat
+        x_hat = self.g_s(y_hat).float()
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
     def config(self) -> dict:

@@ -3,6 +3,11 @@
 A run is a folder: ``config.json`` (fixed at creation), ``checkpoint.pt`` (rewritten
 atomically every ``--save-every`` steps) and ``log.jsonl`` (one line per logged step).
 Running the same command again continues where the last run stopped.
+
+The same loop trains on a GPU (``device="cuda"``, bf16 autocast for the transforms, crops
+drawn on the GPU from a data pack, a wall-clock limit): checkpoints are always saved with
+CPU tensors, so a run started on a GPU continues on the CPU with the plain command (see
+docs/gpu_training.md).
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ from pytorch_msssim import ssim
 
 from .data import CropSampler, default_data_root, load_training_images, validation_tiles
 from .model import LiteMeanScaleHyperprior, widen_state
+from .pack import TorchCropSampler, load_pack
+
+#: TrainConfig fields a resumed run may change besides steps and lr, when asked to (a run
+#: started on a GPU with large crops and batches goes on with small ones on the CPU).
+RESUMABLE_OVERRIDES = ("batch", "crop")
 
 #: (1 - SSIM) is scaled so that, near 30 dB on H&E, a dB of PSNR and the SSIM it brings
 #: weigh about the same as the 255^2 * MSE term (CompressAI's MS-SSIM lambdas are ~10^3
@@ -44,8 +54,11 @@ class TrainConfig:
 
 
 def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: float,
-                    ssim_weight: float = 0.0) -> dict:
-    out = model(x)
+                    ssim_weight: float = 0.0, amp: bool = False) -> dict:
+    # bf16 autocast covers the model's transforms only: the model keeps its entropy models in
+    # float32, and the loss (rates, MSE, SSIM) is computed here in float32 too
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(x)
     num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
     bpp = sum(
         torch.log(lk).sum() / (-math.log(2) * num_pixels) for lk in out["likelihoods"].values()
@@ -68,11 +81,23 @@ def _save_atomic(state: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _to_cpu(value: object) -> object:
+    """State dicts with every tensor on the CPU, so GPU checkpoints load anywhere."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
+
+
 @torch.no_grad()
 def evaluate(model: LiteMeanScaleHyperprior, tiles: np.ndarray, lmbda: float,
              ssim_weight: float = 0.0) -> dict:
     model.eval()
-    x = torch.from_numpy(tiles).float() / 255.0
+    device = next(model.parameters()).device
+    x = (torch.from_numpy(tiles).float() / 255.0).to(device)
     rd = rate_distortion(model, x, lmbda, ssim_weight)
     model.train()
     psnr = 10 * math.log10(1.0 / max(rd["mse"].item(), 1e-12))
@@ -81,16 +106,34 @@ def evaluate(model: LiteMeanScaleHyperprior, tiles: np.ndarray, lmbda: float,
 
 
 def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
-          log_every: int = 50, val_every: int = 500, data_root: Path | None = None) -> Path:
-    """Train (or continue training) the run in ``run``; returns the checkpoint path."""
+          log_every: int = 50, val_every: int = 500, data_root: Path | None = None, *,
+          device: str = "cpu", amp: str = "none", minutes: float | None = None,
+          data_pack: Path | None = None, overrides: tuple[str, ...] = ()) -> Path:
+    """Train (or continue training) the run in ``run``; returns the checkpoint path.
+
+    ``device`` and ``amp`` ("none" or "bf16") choose where and in what precision to train,
+    ``minutes`` stops the run cleanly (saved, logged, validated) after that much wall-clock
+    time, ``data_pack`` trains from a pack (see :mod:`.pack`) instead of ``data_root``, and
+    ``overrides`` names :data:`RESUMABLE_OVERRIDES` that a resumed run takes from ``config``.
+    None of these is part of the run's config: they may change from one session to the next.
+    """
+    if amp not in ("none", "bf16"):
+        raise ValueError(f"amp must be 'none' or 'bf16', not {amp!r}")
+    deadline = None if minutes is None else time.monotonic() + 60.0 * minutes
+    dev = torch.device(device)
     run.mkdir(parents=True, exist_ok=True)
     config_path = run / "config.json"
     if config_path.exists():
         saved = TrainConfig(**json.loads(config_path.read_text()))
-        # a run may be extended and its learning rate lowered; nothing else changes
+        # a run may be extended and its learning rate lowered, and its batch and crop
+        # changed where asked to (moving between a GPU and a CPU); nothing else changes
         if config is not None:
             saved.steps = config.steps
             saved.lr = config.lr if config.lr is not None else saved.lr
+            for name in overrides:
+                if name not in RESUMABLE_OVERRIDES:
+                    raise ValueError(f"a resumed run cannot change {name}")
+                setattr(saved, name, getattr(config, name))
             config_path.write_text(json.dumps(asdict(saved), indent=2))
         config = saved
     else:
@@ -101,34 +144,69 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
 
     torch.manual_seed(config.seed)
     model = LiteMeanScaleHyperprior(config.N, config.M, config.last, config.hyper)
-    optimizer, aux_optimizer = _optimizers(model, config.lr)
     checkpoint = run / "checkpoint.pt"
-    step = 0
+    step, state, packs = 0, None, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
+        step = state["step"]
+        packs = state.get("data_packs", [])
+    elif config.init:
+        init = torch.load(config.init, map_location="cpu", weights_only=False)
+        if init["model"]["g_s.0.weight"].shape[0] != config.M:
+            init["model"] = widen_state(init["model"], model)
+        model.load_state_dict(init["model"])
+    model.to(dev)
+    optimizer, aux_optimizer = _optimizers(model, config.lr)
+    if state is not None:  # Adam's moments move to the parameters' device as they load
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = config.lr
         aux_optimizer.load_state_dict(state["aux_optimizer"])
-        step = state["step"]
-    elif config.init:
-        state = torch.load(config.init, map_location="cpu", weights_only=False)
-        if state["model"]["g_s.0.weight"].shape[0] != config.M:
-            state["model"] = widen_state(state["model"], model)
-        model.load_state_dict(state["model"])
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop and batch: autotune the convs
+        # float32 means float32 (h_a, h_s and the loss; everything under --amp none):
+        # TF32 convolutions keep only 10 mantissa bits, too few for the entropy model
+        torch.backends.cudnn.allow_tf32 = False
 
-    root = data_root or default_data_root()
-    sampler = CropSampler(load_training_images(root), config.crop, seed=config.seed + step)
-    val = validation_tiles(root, size=256, per_image=4)
+    if data_pack is not None:
+        pack = load_pack(data_pack)
+        torch_sampler = TorchCropSampler(pack.regions, config.crop, seed=config.seed + step,
+                                         device=device)
+        val = pack.val  # None: the pack has no validation tiles, so there is no validation
+        record = {"file": Path(data_pack).name, "sha256": pack.sha256,
+                  "trained_on": pack.meta["trained_on"]}
+        if all(p.get("sha256") != pack.sha256 for p in packs):
+            packs = [*packs, record]
+
+        def next_batch() -> torch.Tensor:
+            return torch_sampler.batch(config.batch)
+    else:
+        root = data_root or default_data_root()
+        sampler = CropSampler(load_training_images(root), config.crop,
+                              seed=config.seed + step)
+        val = validation_tiles(root, size=256, per_image=4)
+
+        def next_batch() -> torch.Tensor:
+            x = torch.from_numpy(sampler.batch(config.batch)).float() / 255.0
+            return x.to(dev, non_blocking=True)
+
+    extra = {}  # logged only where they differ from a plain CPU run
+    if dev.type != "cpu":
+        extra["device"] = dev.type
+    if amp != "none":
+        extra["amp"] = amp
+    if data_pack is not None:
+        extra["data"] = Path(data_pack).name
+
     model.train()
     log = (run / "log.jsonl").open("a")
     started, window = time.perf_counter(), []
     while step < config.steps:
-        x = torch.from_numpy(sampler.batch(config.batch)).float() / 255.0
+        x = next_batch()
         optimizer.zero_grad()
         aux_optimizer.zero_grad()
-        rd = rate_distortion(model, x, config.lmbda, config.ssim_weight)
+        rd = rate_distortion(model, x, config.lmbda, config.ssim_weight, amp=amp == "bf16")
         if not torch.isfinite(rd["loss"]):
             continue  # a rare bad batch must not poison the weights
         rd["loss"].backward()
@@ -138,24 +216,31 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         aux_loss.backward()
         aux_optimizer.step()
         step += 1
-        window.append((rd["loss"].item(), rd["bpp"].item(), rd["mse"].item(),
-                       rd["ssim"].item()))
-        if step % log_every == 0 or step == config.steps:
-            loss, bpp, mse, ssim_mean = np.mean(window, axis=0)
+        # kept on the device until logged: reading them each step would stall a GPU
+        window.append(torch.stack([rd["loss"], rd["bpp"], rd["mse"], rd["ssim"]]).detach())
+        out_of_time = deadline is not None and time.monotonic() >= deadline
+        last = step == config.steps or out_of_time
+        if step % log_every == 0 or last:
+            loss, bpp, mse, ssim_mean = torch.stack(window).double().mean(0).tolist()
             entry = {"step": step, "loss": loss, "bpp": bpp,
                      "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "ssim": ssim_mean,
                      "aux": aux_loss.item(),
-                     "s_per_step": (time.perf_counter() - started) / len(window)}
-            if step % val_every == 0 or step == config.steps:
+                     "s_per_step": (time.perf_counter() - started) / len(window), **extra}
+            if val is not None and (step % val_every == 0 or last):
                 entry.update(evaluate(model, val, config.lmbda, config.ssim_weight))
             log.write(json.dumps(entry) + "\n")
             log.flush()
             print(json.dumps(entry), flush=True)
             started, window = time.perf_counter(), []
-        if step % save_every == 0 or step == config.steps:
-            _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "aux_optimizer": aux_optimizer.state_dict(), "step": step,
-                          "config": asdict(config), "model_config": model.config()},
-                         checkpoint)
+        if step % save_every == 0 or last:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "aux_optimizer": aux_optimizer.state_dict(), "step": step,
+                     "config": asdict(config), "model_config": model.config()}
+            if packs:
+                state["data_packs"] = packs
+            _save_atomic(_to_cpu(state), checkpoint)
+        if out_of_time:
+            print(f"stopped at step {step}: the {minutes} minute limit is reached", flush=True)
+            break
     log.close()
     return checkpoint
