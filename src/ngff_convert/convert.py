@@ -161,7 +161,9 @@ def convert(source: str, target: str, options: Options,
         if different:
             raise ConvertError(f"{out.url}: --resume with different settings than the "
                                f"interrupted run ({', '.join(different)})")
-        arrays = [group[name] for name in names]
+        # a run killed while it was creating the level arrays left only some of them
+        arrays = [_level_or_create(group, name, shape, options, zarr_format, codecs)
+                  for name, shape in zip(names, shapes, strict=True)]
     else:
         try:
             group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
@@ -184,6 +186,26 @@ def convert(source: str, target: str, options: Options,
     megapixels = sum(h * w for _, h, w in shapes) / 1e6
     return _summary(out, info, shapes, written, skipped, start, megapixels,
                     tissue_fraction=tissue.tissue_fraction)
+
+
+def _level_or_create(group: zarr.Group, name: str, shape: tuple[int, int, int],
+                     options: Options, zarr_format: int, codecs: dict[str, Any]) -> zarr.Array:
+    """On --resume: the level array the interrupted run created, or a new one if it was
+    killed before it got there (each metadata object is written atomically)."""
+    try:
+        array = group[name]
+    except KeyError:
+        array = None
+    if isinstance(array, zarr.Array):
+        if tuple(array.shape) != tuple(shape):
+            raise ConvertError(f"level {name} has shape {tuple(array.shape)}, expected "
+                               f"{tuple(shape)}; the store was not made from this slide")
+        return array
+    try:
+        return create_level(group, name, shape, options.chunk,
+                            options.shard if zarr_format == 3 else 1, zarr_format, codecs)
+    except Exception as exc:  # noqa: BLE001
+        raise ConvertError(f"cannot create level {name}: {_one_line(exc)}") from None
 
 
 def _write_levels(out: Output, levels: list[Any], arrays: list[zarr.Array], names: list[str],

@@ -96,7 +96,7 @@ def read_rgb(info: SlideInfo, x: int, y: int, w: int, h: int) -> np.ndarray:
     x1, y1 = min(x + w, info.width), min(y + h, info.height)
     if x1 <= x or y1 <= y:
         return out
-    region = _cached_open(info.path).read_region((x, y), 0, (x1 - x, y1 - y))
+    region = _read_region(info, (x, y), 0, (x1 - x, y1 - y))
     out[:, : y1 - y, : x1 - x] = rgba_to_rgb(np.asarray(region))
     return out
 
@@ -120,8 +120,8 @@ def read_downsampled(info: SlideInfo, downsample: int, x: int, y: int, w: int,
     if lx1 <= lx0 or ly1 <= ly0:
         return out
     rw, rh = max(1, math.ceil(lx1 - lx0)), max(1, math.ceil(ly1 - ly0))
-    region = slide.read_region((round(x * downsample), round(y * downsample)), level,
-                               (rw, rh))
+    region = _read_region(info, (round(x * downsample), round(y * downsample)), level,
+                          (rw, rh))
     rgb = rgba_to_rgb(np.asarray(region))
     tw = min(w, max(1, round(rw * ds / downsample)))
     th = min(h, max(1, round(rh * ds / downsample)))
@@ -130,6 +130,20 @@ def read_downsampled(info: SlideInfo, downsample: int, x: int, y: int, w: int,
         rgb = np.asarray(image).transpose(2, 0, 1)
     out[:, :th, :tw] = rgb
     return out
+
+
+def _read_region(info: SlideInfo, location: tuple[int, int], level: int,
+                 size: tuple[int, int]) -> Image.Image:
+    """OpenSlide's read_region; a damaged or truncated file (a tile that does not decode,
+    data past the end of the file) becomes a one-line :class:`ConvertError` naming the
+    file and the region, never pixels made up from what could not be read."""
+    try:
+        return _cached_open(info.path).read_region(location, level, size)
+    except openslide.OpenSlideError as exc:
+        raise ConvertError(
+            f"{Path(info.path).name}: cannot read the pixels at level {level}, "
+            f"({location[0]}, {location[1]}) + {size[0]}x{size[1]}; the file is damaged "
+            f"or truncated: {_one_line(exc)}") from None
 
 
 def associated_image(info: SlideInfo, name: str) -> np.ndarray:

@@ -24,6 +24,21 @@ _ESCAPE_HALF = constriction.stream.model.Uniform(1 << 16)
 #: size in a forged header, wrong model) finds something else here. ANS itself cannot
 #: tell: popping from an exhausted stream silently yields zeros.
 END_MARKER = np.array([0xD1, 0x5C], dtype=np.int32)
+#: Symbols per ``decode`` call. Between calls the decoder checks that the stream still
+#: holds the information the end marker needs (see ``_decode_checked``).
+DECODE_SLICE = 1 << 16
+
+
+def _marker_bits() -> int:
+    coder = constriction.stream.stack.AnsCoder()
+    coder.encode_reverse(END_MARKER, _ESCAPE_HALF)
+    return int(coder.num_valid_bits())
+
+
+#: Information (``num_valid_bits``) an ANS stream holds when only the end marker is left.
+#: Encoding never removes information and decoding never adds any, so in a valid payload
+#: the decoder holds at least this much until it reaches the marker.
+MARKER_BITS = _marker_bits()
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,26 @@ def _encode_section(coder: object, values: np.ndarray, table_index: np.ndarray,
             coder.encode_reverse(coded[t], tables[t]._model)
 
 
+def _decode_checked(coder: object, model: object, count: int) -> np.ndarray:
+    """``count`` symbols, refused as soon as the stream runs dry.
+
+    An exhausted ANS stream does not fail: it keeps yielding (mostly the likeliest)
+    symbols at almost no cost. So a header that announces a large image over a tiny
+    payload would otherwise make the decoder grind through millions of phantom symbols
+    and allocate for all of them before the end-marker check could refuse it. Checking
+    the remaining information after every slice bounds that wasted work to one slice.
+    """
+    parts = [np.empty(0, np.int64)]
+    for start in range(0, count, DECODE_SLICE):
+        parts.append(np.asarray(coder.decode(model, min(DECODE_SLICE, count - start)),
+                                dtype=np.int64))
+        if coder.num_valid_bits() < MARKER_BITS:
+            raise ValueError("dlwsi chunk payload ran out of data before all latents were "
+                             "decoded: it is damaged, its size is forged, or it was not "
+                             "written by this model")
+    return parts[1] if len(parts) == 2 else np.concatenate(parts)
+
+
 def _decode_section(coder: object, table_index: np.ndarray,
                     tables: list[FrequencyTable]) -> np.ndarray:
     order, bounds = _groups(table_index, len(tables))
@@ -113,13 +148,13 @@ def _decode_section(coder: object, table_index: np.ndarray,
         count = int(bounds[t + 1] - bounds[t])
         if not count:
             continue
-        symbols = np.asarray(coder.decode(table._model, count), dtype=np.int64)
+        symbols = _decode_checked(coder, table._model, count)
         positions = order[bounds[t] : bounds[t + 1]]
         values[positions] = symbols + table.lo
         escape_slots.append(positions[symbols == table.escape])
     slots = np.concatenate(escape_slots) if escape_slots else np.empty(0, np.int64)
     if slots.size:
-        halves = np.asarray(coder.decode(_ESCAPE_HALF, 2 * slots.size), dtype=np.uint32)
+        halves = _decode_checked(coder, _ESCAPE_HALF, 2 * slots.size).astype(np.uint32)
         values[slots] = _unzigzag((halves[0::2] << 16) | halves[1::2])
         _check_escapes(values, table_index, slots, tables)
     return values.astype(np.int32)
