@@ -278,6 +278,8 @@ def test_baseline_codecs(slides, tmp_path, codec):
         assert inner[1]["configuration"]["speed"] == 6
     report = _verify(slides, TIFF, store)
     assert report["levels"][0]["psnr_all"] > 28
+    # a lossy baseline: imagecodecs' JPEG-XL wrapper silently defaults to lossless
+    assert report["levels"][0]["psnr_all"] < 70
 
 
 def test_info_lists_levels_codec_and_sizes(slides, default_stores):

@@ -25,7 +25,7 @@ class CodecChoice:
     default_quality: int | None  # None: the codec's default
     channels_last: bool  # the codec wants (H, W, 3) chunks, so v3 adds a transpose filter
     note: str
-    settings: tuple[tuple[str, int], ...] = ()  # fixed encoder settings stored with the codec
+    settings: tuple[tuple[str, Any], ...] = ()  # fixed encoder settings stored with the codec
 
 
 CODECS: dict[str, CodecChoice] = {
@@ -35,8 +35,9 @@ CODECS: dict[str, CodecChoice] = {
                     "learned codec; quality = the installed model's level (default: its "
                     "default level)"),
         CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100"),
+        # imagecodecs' numcodecs wrapper is lossless unless told otherwise, whatever the level
         CodecChoice("jpegxl", "imagecodecs_jpegxl", "level", 90, True,
-                    "JPEG XL, quality 0-100"),
+                    "JPEG XL, quality 0-100", (("lossless", False), ("effort", 7))),
         CodecChoice("jpeg2k", "imagecodecs_jpeg2k", "level", 45, True,
                     "JPEG 2000, target PSNR in dB"),
         # libavif's default speed is its slowest (about 0.03 MP/s on a CPU core); 6 is the
