@@ -128,7 +128,7 @@ def _decode_checked(coder: object, model: object, count: int) -> np.ndarray:
     and allocate for all of them before the end-marker check could refuse it. Checking
     the remaining information after every slice bounds that wasted work to one slice.
     """
-    parts = [np.empty(0, np.int64)]
+    parts = []
     for start in range(0, count, DECODE_SLICE):
         parts.append(np.asarray(coder.decode(model, min(DECODE_SLICE, count - start)),
                                 dtype=np.int64))
@@ -136,7 +136,7 @@ def _decode_checked(coder: object, model: object, count: int) -> np.ndarray:
             raise ValueError("dlwsi chunk payload ran out of data before all latents were "
                              "decoded: it is damaged, its size is forged, or it was not "
                              "written by this model")
-    return parts[1] if len(parts) == 2 else np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _decode_section(coder: object, table_index: np.ndarray,
