@@ -310,6 +310,19 @@ def test_mask_preview_and_associated_images(slides, tmp_path):
         assert len(sub["shapes"]) == 1 and sub["shapes"][0][0] == 3
 
 
+def test_tissue_mask_saturation_matches_skimage(slides):
+    """The band-wise float32 saturation (kept lean for large slides) is skimage's HSV S."""
+    from skimage import color
+
+    from ngff_convert.slide import open_slide
+    from ngff_convert.tissue import hsv_saturation, thumbnail
+
+    thumb = thumbnail(open_slide(slides / CMU), 4)
+    expected = color.rgb2hsv(thumb.transpose(1, 2, 0))[..., 1]
+    assert np.abs(hsv_saturation(thumb, band=100) - expected).max() < 1e-6
+    assert (expected > 0.07).mean() > 0.1  # real tissue, not a blank thumbnail
+
+
 def test_fsspec_url_output(slides, tmp_path):
     url = f"file://{tmp_path}/url.zarr"
     run_cli(slides / DICOM, url, "--codec", "jpeg", "--glass", "keep", "--no-progress")

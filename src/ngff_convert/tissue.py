@@ -101,12 +101,11 @@ def tissue_mask(thumb: np.ndarray, downsample: int,
                 params: MaskParams | None = None) -> TissueMask:
     """Tissue mask of a (3, h, w) uint8 thumbnail taken at ``downsample`` x."""
     from scipy import ndimage
-    from skimage import color, filters, morphology
+    from skimage import filters, morphology
 
     params = params or MaskParams()
-    rgb = thumb.transpose(1, 2, 0)
-    saturation = ndimage.median_filter(color.rgb2hsv(rgb)[..., 1], size=3)
-    grey = ndimage.median_filter(rgb.mean(axis=2), size=3)
+    saturation = ndimage.median_filter(hsv_saturation(thumb), size=3)
+    grey = ndimage.median_filter(_grey(thumb), size=3)
     if params.saturation is None:
         threshold = float(filters.threshold_otsu(saturation)) if np.ptp(saturation) else 1.0
     else:
@@ -128,6 +127,33 @@ def tissue_mask(thumb: np.ndarray, downsample: int,
         soft = np.clip(soft * 1.5, 0.0, 1.0) * (soft > 0.02)
     return TissueMask(mask=mask, soft=np.rint(soft * 255).astype(np.uint8), downsample=downsample,
                       saturation_threshold=threshold)
+
+
+def hsv_saturation(thumb: np.ndarray, band: int = 256) -> np.ndarray:
+    """HSV saturation (max - min) / max of a (3, h, w) uint8 image as float32 (h, w).
+
+    The same values as ``skimage.color.rgb2hsv(...)[..., 1]``, computed in row bands so a
+    large thumbnail never has float64 copies of all three channels (that made the mask
+    step the peak of a whole conversion's memory).
+    """
+    _, h, w = thumb.shape
+    out = np.empty((h, w), np.float32)
+    for y in range(0, h, band):
+        rows = thumb[:, y:y + band]
+        high = rows.max(axis=0).astype(np.float32)
+        spread = high - rows.min(axis=0)
+        np.divide(spread, high, out=out[y:y + band], where=high > 0)
+        out[y:y + band][high == 0] = 0.0
+    return out
+
+
+def _grey(thumb: np.ndarray) -> np.ndarray:
+    """Mean of the three channels as float32 (h, w)."""
+    grey = thumb[0].astype(np.float32)
+    grey += thumb[1]
+    grey += thumb[2]
+    grey /= 3
+    return grey
 
 
 def apply_glass(block: np.ndarray, mode: Glass, tissue: TissueMask, y: int, x: int,
