@@ -115,19 +115,27 @@ def test_torch_crop_sampler_draws_windows_in_all_eight_symmetries():
     assert seen == variants  # every window, flipped and rotated every way, and nothing else
 
 
-def test_widening_the_latent_keeps_what_the_narrow_model_computes():
-    """A narrow checkpoint widened to more latent channels reconstructs exactly as before,
-    and the old channels keep their rates; only the new channels start from scratch."""
+def _widened(**wider: int):
+    """A small random model, the same widened by ``wider`` (model arguments), and a batch."""
     import torch
 
     from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior, widen_state
 
     torch.manual_seed(0)
     narrow = LiteMeanScaleHyperprior(N=16, M=24, last=8).eval()
-    wide = LiteMeanScaleHyperprior(N=16, M=48, last=8, hyper=24)
+    wide = LiteMeanScaleHyperprior(**{"N": 16, "M": 24, "last": 8, **wider})
     wide.load_state_dict(widen_state(narrow.state_dict(), wide))
-    wide.eval()
-    x = torch.rand(2, 3, 64, 64)
+    return narrow, wide.eval(), torch.rand(2, 3, 64, 64)
+
+
+def test_widening_the_latent_keeps_what_the_narrow_model_computes():
+    """A narrow checkpoint widened to more latent channels reconstructs exactly as before,
+    and the old channels keep their rates; only the new channels start from scratch."""
+    import torch
+
+    from numcodecs_dlwsi.train.model import widen_state
+
+    narrow, wide, x = _widened(M=48, hyper=24)
     with torch.no_grad():
         a, b = narrow(x), wide(x)
     assert torch.equal(a["x_hat"], b["x_hat"])
@@ -136,3 +144,17 @@ def test_widening_the_latent_keeps_what_the_narrow_model_computes():
     assert not torch.equal(wide.g_a[6].weight[24:], torch.zeros_like(wide.g_a[6].weight[24:]))
     with pytest.raises(ValueError, match="cannot narrow"):
         narrow.load_state_dict(widen_state(wide.state_dict(), narrow))
+
+
+def test_widening_the_synthesis_first_stage_keeps_the_reconstruction():
+    """g_s's first stage widened (new GDN channels, zero outgoing weights) decodes exactly
+    as before, and the new channels can learn: their outgoing weights get gradients."""
+    import torch
+
+    narrow, wide, x = _widened(first=40)
+    with torch.no_grad():
+        assert torch.equal(narrow(x)["x_hat"], wide(x)["x_hat"])
+    assert wide.config()["first"] == 40 and wide.g_s[0].weight.shape[1] == 40
+    wide.train()
+    wide(x)["x_hat"].square().mean().backward()
+    assert wide.g_s[2].weight.grad[16:].abs().sum() > 0

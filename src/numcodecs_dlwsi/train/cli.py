@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="latent channels M (a narrower --init checkpoint is widened)")
     train.add_argument("--hyper", type=int, default=0,
                        help="hyper-synthesis hidden width (0 = same as --latent)")
+    train.add_argument("--synthesis-first", type=int, default=0,
+                       help="channels of the synthesis's first (1/8 resolution) stage "
+                            "(0 = N; a narrower --init checkpoint is widened)")
     train.add_argument("--ssim-weight", type=float, default=0.0,
                        help="share of the distortion measured as 1-SSIM instead of MSE (0-1)")
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
@@ -105,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(lmbda=args.lmbda, steps=args.steps,
                              batch=args.batch or TrainConfig.batch,
                              crop=args.crop or TrainConfig.crop, lr=args.lr, M=args.latent,
-                             hyper=args.hyper, ssim_weight=args.ssim_weight,
+                             hyper=args.hyper, first=args.synthesis_first,
+                             ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None)
         train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,
               minutes=args.minutes, data_pack=args.data_pack, overrides=overrides)

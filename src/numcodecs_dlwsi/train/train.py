@@ -51,6 +51,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (fine-tuning to another lambda)
     ssim_weight: float = 0.0  # share of the distortion measured as SSIM instead of MSE
     hyper: int = 0  # h_s hidden width (0 = M, CompressAI's choice)
+    first: int = 0  # width of g_s's first stage (0 = N)
 
 
 def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: float,
@@ -143,7 +144,8 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         config_path.write_text(json.dumps(asdict(config), indent=2))
 
     torch.manual_seed(config.seed)
-    model = LiteMeanScaleHyperprior(config.N, config.M, config.last, config.hyper)
+    model = LiteMeanScaleHyperprior(config.N, config.M, config.last, config.hyper,
+                                    config.first)
     checkpoint = run / "checkpoint.pt"
     step, state, packs = 0, None, []
     if checkpoint.exists():
@@ -153,7 +155,8 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         packs = state.get("data_packs", [])
     elif config.init:
         init = torch.load(config.init, map_location="cpu", weights_only=False)
-        if init["model"]["g_s.0.weight"].shape[0] != config.M:
+        shapes = {name: value.shape for name, value in model.state_dict().items()}
+        if any(value.shape != shapes.get(name) for name, value in init["model"].items()):
             init["model"] = widen_state(init["model"], model)
         model.load_state_dict(init["model"])
     model.to(dev)
