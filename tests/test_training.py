@@ -146,15 +146,20 @@ def test_widening_the_latent_keeps_what_the_narrow_model_computes():
         narrow.load_state_dict(widen_state(wide.state_dict(), narrow))
 
 
-def test_widening_the_synthesis_first_stage_keeps_the_reconstruction():
-    """g_s's first stage widened (new GDN channels, zero outgoing weights) decodes exactly
-    as before, and the new channels can learn: their outgoing weights get gradients."""
+def test_widening_the_transforms_keeps_what_the_narrow_model_computes():
+    """g_s's first stage and g_a widened (new GDN channels, zero outgoing weights) code
+    exactly as before, and the new channels can learn: their outgoing weights get
+    gradients."""
     import torch
 
-    narrow, wide, x = _widened(first=40)
+    narrow, wide, x = _widened(first=40, analysis=32)
     with torch.no_grad():
-        assert torch.equal(narrow(x)["x_hat"], wide(x)["x_hat"])
+        a, b = narrow(x), wide(x)
+    assert torch.equal(a["x_hat"], b["x_hat"])
+    assert torch.equal(a["likelihoods"]["y"], b["likelihoods"]["y"])
     assert wide.config()["first"] == 40 and wide.g_s[0].weight.shape[1] == 40
+    assert wide.config()["analysis"] == 32 and wide.g_a[0].weight.shape[0] == 32
     wide.train()
     wide(x)["x_hat"].square().mean().backward()
-    assert wide.g_s[2].weight.grad[16:].abs().sum() > 0
+    assert wide.g_s[2].weight.grad[16:].abs().sum() > 0  # (in, out): new inputs
+    assert wide.g_a[2].weight.grad[:, 16:].abs().sum() > 0  # (out, in): new inputs

@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--synthesis-first", type=int, default=0,
                        help="channels of the synthesis's first (1/8 resolution) stage "
                             "(0 = N; a narrower --init checkpoint is widened)")
+    train.add_argument("--analysis-width", type=int, default=0,
+                       help="hidden channels of the analysis transform, which only encoding "
+                            "runs (0 = N; a narrower --init checkpoint is widened)")
     train.add_argument("--ssim-weight", type=float, default=0.0,
                        help="share of the distortion measured as 1-SSIM instead of MSE (0-1)")
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                              batch=args.batch or TrainConfig.batch,
                              crop=args.crop or TrainConfig.crop, lr=args.lr, M=args.latent,
                              hyper=args.hyper, first=args.synthesis_first,
+                             analysis=args.analysis_width,
                              ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None)
         train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,

@@ -32,10 +32,16 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
     """
 
     def __init__(self, N: int = 64, M: int = 96, last: int = 32, hyper: int = 0,
-                 first: int = 0) -> None:
+                 first: int = 0, analysis: int = 0) -> None:
         super().__init__(N=N, M=M)
         self.last = last
         self.first = first or N  # channels of g_s's first (1/8 resolution) stage
+        # g_a's hidden width: the encoder's cost only, decoding does not run it
+        self.analysis = analysis or N
+        if self.analysis != N:
+            a = self.analysis
+            self.g_a = nn.Sequential(conv(3, a), GDN(a), conv(a, a), GDN(a), conv(a, a),
+                                     GDN(a), conv(a, M))
         # h_s runs in exact integer arithmetic on the CPU, so its hidden width is kept
         # independent of M: a wider latent costs only h_s's last layer (0 = CompressAI's M)
         self.hyper = hyper or M
@@ -77,7 +83,7 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
 
     def config(self) -> dict:
         return {"architecture": ARCHITECTURE, "N": self.N, "M": self.M, "last": self.last,
-                "hyper": self.hyper, "first": self.first}
+                "hyper": self.hyper, "first": self.first, "analysis": self.analysis}
 
 
 def widen_state(state: dict[str, Tensor], target: LiteMeanScaleHyperprior) -> dict[str, Tensor]:

@@ -52,6 +52,7 @@ class TrainConfig:
     ssim_weight: float = 0.0  # share of the distortion measured as SSIM instead of MSE
     hyper: int = 0  # h_s hidden width (0 = M, CompressAI's choice)
     first: int = 0  # width of g_s's first stage (0 = N)
+    analysis: int = 0  # g_a's hidden width (0 = N)
 
 
 def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: float,
@@ -145,7 +146,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
 
     torch.manual_seed(config.seed)
     model = LiteMeanScaleHyperprior(config.N, config.M, config.last, config.hyper,
-                                    config.first)
+                                    config.first, config.analysis)
     checkpoint = run / "checkpoint.pt"
     step, state, packs = 0, None, []
     if checkpoint.exists():
