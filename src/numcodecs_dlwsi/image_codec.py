@@ -27,7 +27,8 @@ from .model_store import ModelNotAvailableError, ModelRef, load, resolve
 #: Pixels per ONNX call on a GPU: bounds memory while keeping batches large enough.
 GPU_BATCH_PIXELS = 1 << 22
 #: Pixels per ONNX call on the CPU: one 512² chunk. Larger batches gain nothing there and
-#: cost memory (16 chunks per call: 1.8 GiB peak vs 0.6 GiB, and slower to encode).
+#: cost memory (converting a 50,000² slide with 16 chunks per call peaked at 4.1 GiB,
+#: with one at 1.0 GiB: benchmarks/scale.py --codec dlwsi).
 CPU_BATCH_PIXELS = 1 << 18
 FIXED_ONE = float(1 << FRACTION_BITS)
 #: Optional stage timer, ``timer("analysis")`` -> context manager (used by benchmarks).

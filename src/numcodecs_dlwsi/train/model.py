@@ -3,8 +3,8 @@
 Decoding speed on a CPU is dominated by the synthesis transform at full resolution, so
 its last upsampling stage has half the channels of the analysis side (measured with
 onnxruntime on 2 cores, 512x512: 57 ms instead of 180 ms for the plain N=64 g_s). Its
-first stage, at 1/8 resolution, may be wider than N for capacity where a channel is
-cheap (64 -> 128 channels: 65 -> 72 ms on the same 512x512 test).
+first stage (1/8 resolution) and g_a's hidden stages may be made wider than N; what each
+costs per chunk is measured by ``benchmarks/transform_speed.py``.
 """
 
 from __future__ import annotations
