@@ -203,6 +203,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     parser.add_argument("--json", type=Path, help="write every measurement here")
     parser.add_argument("--plot", type=Path, help="write the rate-distortion plot (PNG) here")
+    parser.add_argument("--baselines-from", type=Path, metavar="JSON",
+                        help="reuse the baseline curves of an earlier --json run on the same "
+                             "tiles (to screen a candidate model quickly; publish full runs)")
     args = parser.parse_args()
     root = args.data or default_data_root()
     if not (root / "he").is_dir():
@@ -214,9 +217,18 @@ def main() -> int:
                      "machine": platform.processor() or platform.machine()}
     for model in args.model or [default_model()]:
         results["dlwsi"][model] = _dlwsi_curve(tiles, model)
-    for name, (settings, make_encoder, decode) in baselines().items():
-        results["baselines"][name] = [dict(measure(tiles, make_encoder(s), decode), setting=s)
-                                      for s in settings]
+    if args.baselines_from:
+        earlier = json.loads(args.baselines_from.read_text())
+        if earlier["tiles"] != len(tiles):
+            print(f"rd: {args.baselines_from} measured {earlier['tiles']} tiles, this run has "
+                  f"{len(tiles)} (--per-image must match)", file=sys.stderr)
+            return 2
+        results["baselines"] = earlier["baselines"]
+        results["baselines_from"] = str(args.baselines_from)
+    else:
+        for name, (settings, make_encoder, decode) in baselines().items():
+            results["baselines"][name] = [
+                dict(measure(tiles, make_encoder(s), decode), setting=s) for s in settings]
     for name, points in {**results["dlwsi"], **results["baselines"]}.items():
         results["bd_rate"][name] = {
             ref: {m: bd_rate(points, curve, m) for m in ("ssim", "psnr")}
