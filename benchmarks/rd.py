@@ -115,7 +115,8 @@ def _available(name: str) -> bool:
 def bd_rate(test: list[dict], reference: list[dict], metric: str) -> float | None:
     """Average rate change of ``test`` vs ``reference`` at equal ``metric``, in percent.
 
-    None when the curves share no quality range (or a curve has under two points).
+    A one-point ``test`` (a single candidate model) gives the rate change at its quality.
+    None when the curves share no quality range (or the reference has under two points).
     """
     def curve(points: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         quality = [ssim_db(p["ssim"]) if metric == "ssim" else p[metric] for p in points]
@@ -127,8 +128,13 @@ def bd_rate(test: list[dict], reference: list[dict], metric: str) -> float | Non
 
     q_test, r_test = curve(test)
     q_ref, r_ref = curve(reference)
-    if len(q_test) < 2 or len(q_ref) < 2:
+    if len(q_ref) < 2 or not len(q_test):
         return None
+    if len(q_test) == 1:
+        if not q_ref[0] <= q_test[0] <= q_ref[-1]:
+            return None
+        at_same_quality = PchipInterpolator(q_ref, r_ref)(q_test[0])
+        return float((np.exp(r_test[0] - at_same_quality) - 1.0) * 100.0)
     low, high = max(q_test[0], q_ref[0]), min(q_test[-1], q_ref[-1])
     if high <= low:
         return None
