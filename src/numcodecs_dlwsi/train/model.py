@@ -92,8 +92,8 @@ def widen_state(state: dict[str, Tensor], target: LiteMeanScaleHyperprior) -> di
     Every old weight keeps its place, new weights keep ``target``'s fresh initialisation,
     and weights from new input channels to old outputs are zero, so reconstructions and
     rates start where the narrow model was and only the new channels (latent, g_a's hidden
-    stages, g_s's first stage) are learned from scratch (Net2Net-style widening: a wider model reuses
-    the narrow model's training).
+    stages, g_s's first stage) are learned from scratch (Net2Net-style widening: a wider
+    model reuses the narrow model's training).
     """
     out = {name: value.clone() for name, value in target.state_dict().items()}
     for name, old in state.items():
