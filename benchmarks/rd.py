@@ -200,6 +200,17 @@ def _print_report(results: dict) -> None:
         print(f"{name:<22}{cells}")
 
 
+def _earlier_run(path: Path) -> dict | str:
+    """The results of an earlier ``--json`` run, or why the file is not one."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        return str(error)
+    if not isinstance(earlier, dict) or not {"tiles", "baselines"} <= earlier.keys():
+        return "not a file written by rd.py --json"
+    return earlier
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append",
@@ -224,7 +235,10 @@ def main() -> int:
     for model in args.model or [default_model()]:
         results["dlwsi"][model] = _dlwsi_curve(tiles, model)
     if args.baselines_from:
-        earlier = json.loads(args.baselines_from.read_text())
+        earlier = _earlier_run(args.baselines_from)
+        if isinstance(earlier, str):
+            print(f"rd: --baselines-from {args.baselines_from}: {earlier}", file=sys.stderr)
+            return 2
         if earlier["tiles"] != len(tiles):
             print(f"rd: {args.baselines_from} measured {earlier['tiles']} tiles, this run has "
                   f"{len(tiles)} (--per-image must match)", file=sys.stderr)
