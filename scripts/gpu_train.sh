@@ -68,7 +68,9 @@ prepare() {
             --implementation cp --platform any -d "$WHL" "$MSSSIM"
     fi
 
-    # 2. the checkpoint to start from, without optimizer state (a third of the bytes)
+    # 2. the checkpoint to start from, without optimizer state (a third of the bytes) and
+    #    with float weights in float16 (half again; 2**-11 relative error, which the first
+    #    steps absorb): every MiB saved here goes to the data pack
     local args=(--batch 64 --crop 256 --steps 1000000)
     if [ "$init" != none ]; then
         [ -d "$init" ] && init=$init/checkpoint.pt
@@ -77,6 +79,8 @@ prepare() {
 import sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 slim = {k: state[k] for k in ("model", "model_config", "config", "step") if k in state}
+slim["model"] = {name: value.half() if value.is_floating_point() else value
+                 for name, value in slim["model"].items()}
 torch.save(slim, sys.argv[2])
 EOF
         args+=(--init "$GPU/init.pt")
