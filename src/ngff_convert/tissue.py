@@ -137,13 +137,11 @@ def hsv_saturation(thumb: np.ndarray, band: int = 256) -> np.ndarray:
     step the peak of a whole conversion's memory).
     """
     _, h, w = thumb.shape
-    out = np.empty((h, w), np.float32)
+    out = np.zeros((h, w), np.float32)  # black pixels keep saturation 0, as in skimage
     for y in range(0, h, band):
         rows = thumb[:, y:y + band]
         high = rows.max(axis=0).astype(np.float32)
-        spread = high - rows.min(axis=0)
-        np.divide(spread, high, out=out[y:y + band], where=high > 0)
-        out[y:y + band][high == 0] = 0.0
+        np.divide(high - rows.min(axis=0), high, out=out[y:y + band], where=high > 0)
     return out
 
 
