@@ -4,7 +4,13 @@ For each checkpoint: PSNR on the held-out tiles when g_s decodes the rounded lat
 the codec does) and when it decodes the unquantized latent (no rate limit at all). If the
 second is low, no lambda can buy quality: the transforms are the cap, not the rate.
 
+``--latent-dims`` adds a linear reference for the latent's size alone: block PCA, fitted
+on training-side crops, that keeps M of the 16x16x3 = 768 values of each held-out patch
+(g_a has stride 16, so M latent channels are M numbers per patch). A trained model whose
+unquantized PSNR is below it is not limited by its latent's size.
+
     python benchmarks/transform_ceiling.py runs/q4/checkpoint.pt runs/v2a/checkpoint.pt
+    python benchmarks/transform_ceiling.py --latent-dims 96,192,320,384 --per-image 16
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ import argparse
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from numcodecs_dlwsi.train.data import default_data_root, validation_tiles
+from numcodecs_dlwsi.train.data import default_data_root, he_files, read_image, validation_tiles
 from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
 
 
@@ -40,14 +47,63 @@ def ceiling(checkpoint: Path, tiles: torch.Tensor) -> dict[str, float]:
             "unquantized_psnr": _psnr(model.g_s(y), tiles)}
 
 
+def _patches(tiles: np.ndarray, block: int) -> np.ndarray:
+    n, c, h, w = tiles.shape
+    hb, wb = h // block, w // block
+    return (tiles[:, :, : hb * block, : wb * block].astype(np.float64)
+            .reshape(n, c, hb, block, wb, block).transpose(0, 2, 4, 1, 3, 5)
+            .reshape(-1, c * block * block))
+
+
+def training_tiles(root: Path, count: int, size: int = 256) -> np.ndarray:
+    """``count`` random tissue-rich crops (N, 3, size, size) from the training-side images."""
+    rng = np.random.default_rng(0)
+    images = [read_image(f) for f in he_files(root, "train")]
+    images = [im for im in images if min(im.shape[:2]) >= size]
+    tiles = []
+    while len(tiles) < count:
+        im = images[rng.integers(len(images))]
+        y = rng.integers(im.shape[0] - size + 1)
+        x = rng.integers(im.shape[1] - size + 1)
+        tile = im[y : y + size, x : x + size]
+        if tile.mean() < 220:  # skip glass: it says nothing about the latent's size
+            tiles.append(tile.transpose(2, 0, 1))
+    return np.stack(tiles)
+
+
+def block_pca_psnr(train: np.ndarray, held_out: np.ndarray, dims: list[int],
+                   block: int = 16) -> dict[int, float]:
+    """PSNR on ``held_out`` of keeping ``dims`` principal components of each 16x16x3 patch,
+    with the components fitted on ``train`` (as a model is fitted on the training side)."""
+    fit = _patches(train, block)
+    mean = fit.mean(0)
+    fit -= mean
+    held = _patches(held_out, block) - mean
+    _, vectors = np.linalg.eigh(fit.T @ fit / len(fit))
+    vectors = vectors[:, ::-1]
+    out = {}
+    for k in dims:
+        basis = vectors[:, :k]
+        mse = float(((held @ basis @ basis.T - held) ** 2).mean())
+        out[k] = 10 * math.log10(255.0**2 / mse)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path)
+    parser.add_argument("checkpoints", nargs="*", type=Path)
+    parser.add_argument("--latent-dims", default="",
+                        help="comma-separated latent sizes M for the block-PCA reference")
     parser.add_argument("--per-image", type=int, default=2, help="256x256 tiles per image")
     args = parser.parse_args()
     tiles = validation_tiles(default_data_root(), 256, args.per_image)
     x = torch.from_numpy(tiles).float() / 255.0
     print(f"{len(tiles)} held-out 256x256 tiles")
+    if args.latent_dims:
+        dims = [int(d) for d in args.latent_dims.split(",")]
+        train = training_tiles(default_data_root(), 400)
+        for k, psnr in block_pca_psnr(train, tiles, dims).items():
+            print(f"block PCA, {k} of 768 values per 16x16 patch: {psnr:.2f} dB")
     for checkpoint in args.checkpoints:
         r = ceiling(checkpoint, x)
         print(f"{checkpoint}  step {r['step']}: rounded {r['rounded_psnr']:.2f} dB, "
