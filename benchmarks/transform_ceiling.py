@@ -60,14 +60,20 @@ def training_tiles(root: Path, count: int, size: int = 256) -> np.ndarray:
     rng = np.random.default_rng(0)
     images = [read_image(f) for f in he_files(root, "train")]
     images = [im for im in images if min(im.shape[:2]) >= size]
+    if not images:
+        raise SystemExit(f"transform_ceiling: no training-side image of {size}² or more in {root}")
     tiles = []
-    while len(tiles) < count:
+    for _ in range(100 * count):  # bounded: a glass-only data folder must not hang
+        if len(tiles) == count:
+            break
         im = images[rng.integers(len(images))]
         y = rng.integers(im.shape[0] - size + 1)
         x = rng.integers(im.shape[1] - size + 1)
         tile = im[y : y + size, x : x + size]
         if tile.mean() < 220:  # skip glass: it says nothing about the latent's size
             tiles.append(tile.transpose(2, 0, 1))
+    if len(tiles) < count:
+        raise SystemExit(f"transform_ceiling: found only {len(tiles)} tissue crops in {root}")
     return np.stack(tiles)
 
 
@@ -96,6 +102,8 @@ def main() -> None:
                         help="comma-separated latent sizes M for the block-PCA reference")
     parser.add_argument("--per-image", type=int, default=2, help="256x256 tiles per image")
     args = parser.parse_args()
+    if not args.checkpoints and not args.latent_dims:
+        parser.error("give checkpoints, --latent-dims, or both")
     tiles = validation_tiles(default_data_root(), 256, args.per_image)
     x = torch.from_numpy(tiles).float() / 255.0
     print(f"{len(tiles)} held-out 256x256 tiles")
