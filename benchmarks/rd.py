@@ -191,7 +191,10 @@ def _print_report(results: dict) -> None:
     refs = [r for r in REFERENCES if r in results["baselines"]]
     print(f"{'codec':<22}" + "".join(f"{'vs ' + r:>26}" for r in refs))
     print(f"{'':<22}" + "".join(f"{'SSIM':>13}{'PSNR':>13}" for _ in refs))
-    for name, rates in results["bd_rate"].items():
+    # each rung of a multi-rung model on its own too: a ladder's BD-rate hides which rung
+    # is short of the baselines
+    rows = {**results["bd_rate"], **results["rate_change_per_setting"]}
+    for name, rates in rows.items():
         cells = ""
         for ref in refs:
             for metric in ("ssim", "psnr"):
@@ -253,6 +256,11 @@ def main() -> int:
         results["bd_rate"][name] = {
             ref: {m: bd_rate(points, curve, m) for m in ("ssim", "psnr")}
             for ref, curve in results["baselines"].items()}
+    results["rate_change_per_setting"] = {
+        f"{name} q{p['setting']}": {
+            ref: {m: bd_rate([p], curve, m) for m in ("ssim", "psnr")}
+            for ref, curve in results["baselines"].items()}
+        for name, points in results["dlwsi"].items() if len(points) > 1 for p in points}
     results["seconds"] = round(time.time() - started, 1)
     _print_report(results)
     print(f"({results['seconds']:.0f} s)")

@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from numcodecs_dlwsi.train.data import default_data_root, he_files, read_image, validation_tiles
+from numcodecs_dlwsi.train.data import (
+    CropSampler,
+    default_data_root,
+    load_training_images,
+    validation_tiles,
+)
 from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
 
 
@@ -56,25 +61,18 @@ def _patches(tiles: np.ndarray, block: int) -> np.ndarray:
 
 
 def training_tiles(root: Path, count: int, size: int = 256) -> np.ndarray:
-    """``count`` random tissue-rich crops (N, 3, size, size) from the training-side images."""
-    rng = np.random.default_rng(0)
-    images = [read_image(f) for f in he_files(root, "train")]
-    images = [im for im in images if min(im.shape[:2]) >= size]
-    if not images:
-        raise SystemExit(f"transform_ceiling: no training-side image of {size}² or more in {root}")
-    tiles = []
-    for _ in range(100 * count):  # bounded: a glass-only data folder must not hang
-        if len(tiles) == count:
-            break
-        im = images[rng.integers(len(images))]
-        y = rng.integers(im.shape[0] - size + 1)
-        x = rng.integers(im.shape[1] - size + 1)
-        tile = im[y : y + size, x : x + size]
-        if tile.mean() < 220:  # skip glass: it says nothing about the latent's size
-            tiles.append(tile.transpose(2, 0, 1))
-    if len(tiles) < count:
-        raise SystemExit(f"transform_ceiling: found only {len(tiles)} tissue crops in {root}")
-    return np.stack(tiles)
+    """``count`` tissue crops (N, 3, size, size) drawn as training draws them."""
+    try:
+        sampler = CropSampler(load_training_images(root, with_slides=False), size)
+    except ValueError as error:
+        raise SystemExit(f"transform_ceiling: {error}") from None
+    tiles: list[np.ndarray] = []
+    for _ in range(100):  # bounded: a glass-only data folder must not hang
+        # skip glass: it says nothing about the latent's size
+        tiles.extend(t for t in sampler.batch(count) if t.mean() < 220)
+        if len(tiles) >= count:
+            return np.stack(tiles[:count])
+    raise SystemExit(f"transform_ceiling: found only {len(tiles)} tissue crops in {root}")
 
 
 def block_pca_psnr(train: np.ndarray, held_out: np.ndarray, dims: list[int],
@@ -104,12 +102,15 @@ def main() -> None:
     args = parser.parse_args()
     if not args.checkpoints and not args.latent_dims:
         parser.error("give checkpoints, --latent-dims, or both")
-    tiles = validation_tiles(default_data_root(), 256, args.per_image)
+    root = default_data_root()
+    if not (root / "he").is_dir():
+        parser.error(f"no H&E data at {root} (set DLWSI_DATA)")
+    tiles = validation_tiles(root, 256, args.per_image)
     x = torch.from_numpy(tiles).float() / 255.0
     print(f"{len(tiles)} held-out 256x256 tiles")
     if args.latent_dims:
         dims = [int(d) for d in args.latent_dims.split(",")]
-        train = training_tiles(default_data_root(), 400)
+        train = training_tiles(root, 400)
         for k, psnr in block_pca_psnr(train, tiles, dims).items():
             print(f"block PCA, {k} of 768 values per 16x16 patch: {psnr:.2f} dB")
     for checkpoint in args.checkpoints:
