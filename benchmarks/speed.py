@@ -55,7 +55,6 @@ from numcodecs_dlwsi.model_store import (
     ModelRef,
     default_model,
     default_quality,
-    load,
     qualities,
     resolve,
 )
@@ -223,8 +222,7 @@ def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
     pixels = sum(t.shape[1] * t.shape[2] for t in tiles)
     megapixels = pixels / 1e6
     # Cold start: reading + hashing the model file, building the ONNX sessions.
-    load.cache_clear()
-    runtime.session.cache_clear()
+    runtime.clear_caches()
     cold_encode, warm_chunks = _timed(encode_batch, tiles[:batch], ref)
     cold_decode, _ = _timed(decode_batch, warm_chunks, ref)
     if len(tiles) % batch:  # warm the last, smaller batch shape too (cuDNN tunes per shape)

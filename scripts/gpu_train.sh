@@ -20,6 +20,7 @@ GPU=.gpu
 WHL=${WHL:-.whl}
 COMPRESSAI=compressai==1.2.8
 MSSSIM=pytorch-msssim==1.0.0
+CONSTRICTION=constriction==0.4.2  # numcodecs_dlwsi imports it; the device image lacks it
 
 die() { echo "gpu_train.sh: $*" >&2; exit 1; }
 
@@ -55,13 +56,19 @@ prepare() {
     rm -rf "$GPU"
     mkdir -p "$GPU" "$WHL"
 
-    # 1. wheels for the device's Python 3.12 (it has torch, torchvision, numpy, scipy,
+    # 1. wheels for the device's Python 3.12 (compressai, constriction, pytorch-msssim; it has torch, torchvision, numpy, scipy,
     #    pillow, einops, pandas, tqdm, torch-geometric; compressai's wheel is manylinux_2_34)
     if ! ls "$WHL"/compressai-1.2.8-cp312-*.whl >/dev/null 2>&1; then
         "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
             --implementation cp --platform manylinux_2_34_x86_64 \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
             --platform manylinux2014_x86_64 -d "$WHL" "$COMPRESSAI"
+    fi
+    if ! ls "$WHL"/constriction-0.4.2-cp312-*.whl >/dev/null 2>&1; then
+        "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+            --implementation cp --platform manylinux_2_28_x86_64 \
+            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+            -d "$WHL" "$CONSTRICTION"
     fi
     if ! ls "$WHL"/pytorch_msssim-1.0.0-py3-none-any.whl >/dev/null 2>&1; then
         "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
@@ -144,7 +151,8 @@ run_inner() {
     # wheels: pip checks the platform tag; if it refuses, a wheel is only a zip
     local tag wheels
     tag=$("$py" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
-    wheels=("$WHL"/compressai-1.2.8-"$tag"-*.whl "$WHL"/pytorch_msssim-1.0.0-py3-none-any.whl)
+    wheels=("$WHL"/compressai-1.2.8-"$tag"-*.whl "$WHL"/constriction-0.4.2-"$tag"-*.whl
+            "$WHL"/pytorch_msssim-1.0.0-py3-none-any.whl)
     if ! "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target "$site" "${wheels[@]}"; then
         echo "pip refused the wheels; unpacking them"

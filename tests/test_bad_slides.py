@@ -215,7 +215,7 @@ def _edit_store(good: Path, tmp_path: Path, kind: str) -> Path:
 
 STORE_DAMAGE = {
     "other-weights": "refusing to decode",
-    "future-version": "version 2 is not supported",
+    "future-version": f"version {bitstream.FORMAT_VERSION + 1} is not supported",
     "chunk-from-other-weights": "was written by model",
     "bit-flip": "checksum mismatch",
     "truncated-chunk": "truncated",
@@ -246,4 +246,5 @@ def test_bad_store_through_the_real_command(slides, good_store, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ngff_convert", "verify", slides / SMALL,
                            store, "--no-progress"], capture_output=True, text=True)
     assert proc.returncode == 1
-    assert_one_line_error(proc, "version 2 is not supported", "upgrade")
+    assert_one_line_error(proc, f"version {bitstream.FORMAT_VERSION + 1} is not supported",
+                          "upgrade")

@@ -37,17 +37,27 @@ def test_training_continues_where_it_stopped(tiny_run, data_root):
 def test_export_gives_a_model_the_reader_decodes(tiny_run, tmp_path, monkeypatch, he_tile,
                                                  data_root):
     weights = tmp_path / "weights"
-    export_model(tiny_run / "checkpoint.pt", weights, "tiny-test-v1", 1, data_root=data_root)
-    with pytest.raises(FileExistsError, match="never change"):
-        export_model(tiny_run / "checkpoint.pt", weights, "tiny-test-v1", 1,
-                     data_root=data_root)
+    path = export_model(tiny_run / "checkpoint.pt", weights, "tiny-test-v1", 1,
+                        gains=[0.5, 1.0], data_root=data_root)
+    assert path.name == "tiny-test-v1-q1-2.dlwsi"
+    for quality, gains in ((1, [1.0]), (2, [2.0]), (0, [0.5, 1.0])):  # rung 2 is taken
+        with pytest.raises((FileExistsError, ValueError), match="never change|outside"):
+            export_model(tiny_run / "checkpoint.pt", weights, "tiny-test-v1", quality,
+                         gains=gains, data_root=data_root)
+    for gains in ([1.0, 0.5], [100.0]):
+        with pytest.raises(ValueError, match="increasing|1/64..64"):
+            export_model(tiny_run / "checkpoint.pt", weights, "tiny-test-v2", 1,
+                         gains=gains, data_root=data_root)
     monkeypatch.setenv("DLWSI_WEIGHTS", str(weights))
-    ref = resolve("tiny-test-v1", 1)
-    model = load(ref)
+    refs = [resolve("tiny-test-v1", q) for q in (1, 2)]
+    assert refs[0].sha256 == refs[1].sha256
+    model = load(refs[0])
     assert model.meta["trained_on"] and "slides/aperio/CMU-1-Small-Region.svs" not in (
         model.meta["trained_on"])
-    chunk = image_codec.encode_batch([he_tile], ref)[0]
-    assert image_codec.decode_batch([chunk], ref)[0].shape == he_tile.shape
+    chunks = [image_codec.encode_batch([he_tile], ref)[0] for ref in refs]
+    assert len(chunks[0]) < len(chunks[1])  # the lower gain quantizes more coarsely
+    for chunk, ref in zip(chunks, refs, strict=True):
+        assert image_codec.decode_batch([chunk], ref)[0].shape == he_tile.shape
 
 
 def _small_data_root(tmp_path, data_root):

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 MAGIC = b"DLWS"
-FORMAT_VERSION = 1
+#: The version written by models with a quality ladder of latent gains (model file format
+#: 2). Version 1 chunks, from single-rung model files, differ only in the entropy
+#: parameters and reconstruction having no gain (docs/bitstream.md §8.3, §9); their bytes
+#: never change and they stay readable.
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 
 #: Largest chunk a decoder accepts (8192 x 8192 pixels): headers cannot make us allocate more.
 MAX_PIXELS = 1 << 26
@@ -45,6 +50,7 @@ class ChunkHeader:
     height: int
     width: int
     layout: Layout
+    version: int = FORMAT_VERSION
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -54,6 +60,9 @@ class ChunkHeader:
 
 
 def _check_header_values(header: ChunkHeader) -> None:
+    if header.version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"dlwsi chunk: version {header.version} is not one of "
+                         f"{SUPPORTED_VERSIONS}")
     if not 1 <= header.quality <= 255:
         raise ValueError(f"dlwsi chunk: quality {header.quality} is outside 1..255")
     if not MODEL_ID_PATTERN.fullmatch(header.model_id):
@@ -79,7 +88,7 @@ def pack(header: ChunkHeader, payload: bytes) -> bytes:
     model_id = header.model_id.encode("ascii")
     flags = _FLAG_HWC if header.layout is Layout.HWC else 0
     head = (
-        _FIXED_HEAD.pack(MAGIC, FORMAT_VERSION, flags, header.quality, len(model_id))
+        _FIXED_HEAD.pack(MAGIC, header.version, flags, header.quality, len(model_id))
         + model_id
         + _FIXED_TAIL.pack(header.model_hash_prefix, header.height, header.width, len(payload))
     )
@@ -100,10 +109,10 @@ def unpack(chunk: bytes | bytearray | memoryview) -> tuple[ChunkHeader, memoryvi
     magic, version, flags, quality, id_len = _FIXED_HEAD.unpack_from(data, 0)
     if magic != MAGIC:
         raise ValueError(f"not a dlwsi chunk: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise ValueError(
             f"dlwsi chunk format version {version} is not supported by this decoder "
-            f"(supports {FORMAT_VERSION}); upgrade numcodecs-dlwsi"
+            f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade numcodecs-dlwsi"
         )
     if flags & ~_KNOWN_FLAGS:
         raise ValueError(f"dlwsi chunk: unknown flags 0x{flags:02x}")
@@ -125,6 +134,7 @@ def unpack(chunk: bytes | bytearray | memoryview) -> tuple[ChunkHeader, memoryvi
         height=height,
         width=width,
         layout=Layout.HWC if flags & _FLAG_HWC else Layout.CHW,
+        version=version,
     )
     _check_header_values(header)
     payload_start = fixed_end + _CRC.size

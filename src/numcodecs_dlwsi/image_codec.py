@@ -5,6 +5,10 @@ hyper-latent -> integer hyper-synthesis gives each latent's scale level and mean
 round the latent -> rANS with integer tables. Decoding mirrors it; everything up to the
 decoded latents is integer and bit-exact, only the synthesis transform is float.
 Images of the same size are processed as one batch.
+
+A quality rung of a format-2 model multiplies the latent by a per-channel gain before
+rounding (and its mean and scale with it, in exact fixed point): a gain below 1 quantizes
+more coarsely, so one trained network serves the whole quality ladder.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from . import runtime
 from .bitstream import MAX_PIXELS, MAX_SIDE, ChunkHeader, Layout, pack, unpack
 from .entropy_coding import LatentDecoder, encode_latents
 from .hyper_synthesis import FRACTION_BITS, scale_levels
-from .model_file import PAD_MULTIPLE, ModelFile
+from .model_file import GAIN_BITS, PAD_MULTIPLE, ModelFile
 from .model_store import ModelNotAvailableError, ModelRef, load, resolve
 
 #: Pixels per ONNX call on a GPU: bounds memory while keeping batches large enough.
@@ -31,6 +35,7 @@ GPU_BATCH_PIXELS = 1 << 22
 #: with one at 1.0 GiB: benchmarks/scale.py --codec dlwsi).
 CPU_BATCH_PIXELS = 1 << 18
 FIXED_ONE = float(1 << FRACTION_BITS)
+GAIN_ONE = float(1 << GAIN_BITS)
 #: Optional stage timer, ``timer("analysis")`` -> context manager (used by benchmarks).
 StageTimer = Callable[[str], AbstractContextManager]
 
@@ -79,12 +84,26 @@ def batches(items: list[int], pixels_each: int) -> list[list[int]]:
     return [items[i : i + step] for i in range(0, len(items), step)]
 
 
-def entropy_parameters(model: ModelFile, z_symbols: np.ndarray
+def entropy_parameters(model: ModelFile, z_symbols: np.ndarray, gain: np.ndarray | None
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer path: z symbols (B, N, h, w) -> scale levels and means (fixed point)."""
+    """Integer path: z symbols (B, N, h, w) -> scale levels and means (fixed point).
+
+    ``gain`` is the rung's (M,) fixed-point gain, or None (format 1): scales and means of
+    the gained latent are ``floor((value * gain + 2**15) / 2**16)``, exact in float64.
+    """
     z_fixed = z_symbols * FIXED_ONE + model.z_medians_fixed[None, :, None, None]
     scales, means = model.hyper_synthesis(z_fixed)
+    if gain is not None:
+        g = gain.astype(np.float64)[None, :, None, None]
+        half = GAIN_ONE / 2
+        scales = np.floor((scales * g + half) / GAIN_ONE)
+        means = np.floor((means * g + half) / GAIN_ONE)
     return scale_levels(scales, model.scale_thresholds_fixed), means
+
+
+def _gain_float(gain: np.ndarray | None) -> np.ndarray | float:
+    """The rung's gain as float64, shaped to multiply (M, h, w) latents (exact: dyadic)."""
+    return 1.0 if gain is None else (gain.astype(np.float64) / GAIN_ONE)[:, None, None]
 
 
 def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
@@ -98,6 +117,7 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
         by_size[chw.shape[1:]].append(i)
     chunks: list[bytes] = [b""] * len(prepared)
     medians = model.z_medians_fixed / FIXED_ONE
+    gain = model.rungs.get(ref.quality)
     for (height, width), members in by_size.items():
         ph, pw = padded_size(height), padded_size(width)
         for batch in batches(members, ph * pw):
@@ -109,15 +129,16 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
                 y, z = runtime.analysis(ref, x)
             with timer("hyper_synthesis"):
                 z_symbols = np.rint(z - medians[None, :, None, None])
-                levels, means = entropy_parameters(model, z_symbols)
+                levels, means = entropy_parameters(model, z_symbols, gain)
             with timer("entropy_encode"):
-                y_symbols = np.rint(y - means / FIXED_ONE).astype(np.int64)
+                y_symbols = np.rint(y * _gain_float(gain) - means / FIXED_ONE).astype(np.int64)
                 for k, i in enumerate(batch):
                     payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
                                              y_symbols[k], levels[k], model.y_tables)
                     header = ChunkHeader(quality=ref.quality, model_id=ref.model,
                                          model_hash_prefix=ref.hash_prefix, height=height,
-                                         width=width, layout=prepared[i][1])
+                                         width=width, layout=prepared[i][1],
+                                         version=model.bitstream_version)
                     chunks[i] = pack(header, payload)
     return chunks
 
@@ -167,6 +188,10 @@ def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
                 chunk_ref = found[key]
             _check_pinned(header, chunk_ref)
             model = load(chunk_ref)
+            if header.version != model.bitstream_version:
+                raise ValueError(
+                    f"dlwsi chunk: version {header.version} cannot come from model "
+                    f"{chunk_ref.model!r}, whose chunks are version {model.bitstream_version}")
             hz, wz = padded_size(header.height) // 64, padded_size(header.width) // 64
             decoder = LatentDecoder(payload)
             z = decoder.decode_z((model.hyper_channels, hz, wz), model.z_tables)
@@ -178,11 +203,15 @@ def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
         model = load(chunk_ref)
         with timer("hyper_synthesis"):
             z_batch = np.stack([item.z_symbols for item in members]).astype(np.float64)
-            levels, means = entropy_parameters(model, z_batch)
+            gain = model.rungs.get(chunk_ref.quality)
+            levels, means = entropy_parameters(model, z_batch, gain)
         with timer("entropy_decode_y"):
             for k, item in enumerate(members):
                 y_symbols = item._decoder.decode_y(levels[k], model.y_tables)
-                item.y_hat = (y_symbols + means[k] / FIXED_ONE).astype(np.float32)
+                y_hat = y_symbols + means[k] / FIXED_ONE  # exact in float64
+                if gain is not None:
+                    y_hat = y_hat / _gain_float(gain)  # one IEEE division: deterministic
+                item.y_hat = y_hat.astype(np.float32)
                 item._decoder = None
     return pending
 

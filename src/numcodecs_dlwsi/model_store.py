@@ -127,23 +127,29 @@ def resolve(model: str | None, quality: int | None, sha256: str | None = None,
         "refusing to decode with different weights")
 
 
-@functools.lru_cache(maxsize=16)
 def load(ref: ModelRef) -> ModelFile:
     """Read a pinned model file after checking its bytes against the pinned hash."""
-    try:
-        data = ref.path.read_bytes()
-    except OSError as exc:
-        raise ModelNotAvailableError(f"cannot read dlwsi weights {ref.path}: {exc}") from None
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != ref.sha256:
+    model = load_file(ref.path, ref.sha256)
+    if model.meta["model"] != ref.model or ref.quality not in model.rungs:
         raise ModelNotAvailableError(
-            f"dlwsi weights {ref.path} have sha256 {actual}, expected {ref.sha256}: "
-            "the file was modified or damaged")
-    model = read_model_file(ref.path)
-    if model.meta["model"] != ref.model or model.meta["quality"] != ref.quality:
-        raise ModelNotAvailableError(f"{ref.path} holds {model.meta['model']} quality "
-                                     f"{model.meta['quality']}, not {ref.model} q{ref.quality}")
+            f"{ref.path} holds {model.meta['model']} quality "
+            f"{', '.join(map(str, sorted(model.rungs)))}, not {ref.model} q{ref.quality}")
     return model
+
+
+@functools.lru_cache(maxsize=16)
+def load_file(path: Path, sha256: str) -> ModelFile:
+    """One model file, read once however many quality rungs it holds."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelNotAvailableError(f"cannot read dlwsi weights {path}: {exc}") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise ModelNotAvailableError(
+            f"dlwsi weights {path} have sha256 {actual}, expected {sha256}: "
+            "the file was modified or damaged")
+    return read_model_file(path)
 
 
 def register_model(weights_dir: Path, model: str, quality: int, path: Path,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from .model_store import ModelRef, load
+from .model_store import ModelRef, load, load_file
 
 ENV_PROVIDER = "DLWSI_PROVIDER"
 ENV_THREADS = "DLWSI_THREADS"
@@ -48,13 +49,20 @@ def intra_op_threads() -> int:
     return threads
 
 
-@functools.lru_cache(maxsize=32)
 def session(ref: ModelRef, graph: str, providers: tuple[str, ...], threads: int
-             ) -> ort.InferenceSession:
+            ) -> ort.InferenceSession:
+    """The onnxruntime session of one graph of a model file, shared by all its rungs."""
+    load(ref)  # checks the file's hash and that it holds this quality
+    return _file_session(ref.path, ref.sha256, graph, providers, threads)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_session(path: Path, sha256: str, graph: str, providers: tuple[str, ...],
+                  threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    model = load(ref)
+    model = load_file(path, sha256)
     onnx_bytes = model.analysis_onnx if graph == "analysis" else model.synthesis_onnx
     return ort.InferenceSession(onnx_bytes, options, providers=list(providers))
 
@@ -70,3 +78,9 @@ def synthesis(ref: ModelRef, y_hat: np.ndarray) -> np.ndarray:
     """y_hat: float32 (B, M, h, w) -> x_hat float32 (B, 3, 16h, 16w) in [0, 255]."""
     graph = session(ref, "synthesis", execution_providers(), intra_op_threads())
     return graph.run(["x_hat"], {"y_hat": y_hat})[0]
+
+
+def clear_caches() -> None:
+    """Forget loaded model files and sessions (benchmarks time a cold start with it)."""
+    load_file.cache_clear()
+    _file_session.cache_clear()

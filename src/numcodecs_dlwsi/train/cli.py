@@ -73,17 +73,33 @@ def _parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export",
         help="export a run's checkpoint as a released model file",
-        description="Write weights/<model>-q<quality>.dlwsi and register it in the manifest.",
+        description="Write weights/<model>-q<first>[-<last>].dlwsi, one file holding a "
+                    "quality rung per latent gain, and register the rungs in the manifest. "
+                    "A gain below 1 quantizes the latent more coarsely (fewer bits, lower "
+                    "quality); gain 1 is the network as trained.",
     )
     export.add_argument("run", type=Path, help="run folder holding checkpoint.pt")
-    export.add_argument("--model", required=True, help="model family id, e.g. he-msh-lite-v1")
-    export.add_argument("--quality", type=int, required=True, help="quality level (1 = lowest)")
+    export.add_argument("--model", required=True, help="model family id, e.g. he-mshl-v2")
+    export.add_argument("--quality", type=int, required=True,
+                        help="quality of the first (lowest) rung; the next gains get the "
+                             "next qualities")
+    export.add_argument("--gains", type=_gains, default=[1.0],
+                        help="comma-separated, increasing latent gains, one rung each "
+                             "(default: 1)")
     export.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder")
     export.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     export.add_argument("--default", action="store_true", help="make this family the default")
-    export.add_argument("--default-quality", action="store_true",
-                        help="make this quality the family's default")
+    export.add_argument("--default-quality", type=int, metavar="Q",
+                        help="make rung Q the family's default quality")
     return parser
+
+
+def _gains(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}"
+                                         ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .export import export_model
 
-    path = export_model(args.run / "checkpoint.pt", args.weights, args.model, args.quality,
-                        data_root=args.data, make_default=args.default,
-                        default_quality=args.default_quality)
+    try:
+        path = export_model(args.run / "checkpoint.pt", args.weights, args.model, args.quality,
+                            gains=args.gains, data_root=args.data, make_default=args.default,
+                            default_quality=args.default_quality)
+    except (ValueError, FileExistsError) as error:
+        print(f"dlwsi-train export: {error}", file=sys.stderr)
+        return 2
     print(path)
     return 0

@@ -1,8 +1,9 @@
-"""Export a trained checkpoint as a released model file (``weights/<model>-q<N>.dlwsi``).
+"""Export a trained checkpoint as a released model file (``weights/<model>-q<N>[-<K>].dlwsi``).
 
 The file holds everything a decoder needs and nothing it must recompute in floating
 point: the analysis and synthesis transforms as ONNX graphs, the hyper-synthesis as
-integer layers, and the integer frequency tables of the entropy coder.
+integer layers, the integer frequency tables of the entropy coder, and the latent gain
+of each quality rung (one network, a whole ladder).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import nn
 
 from ..entropy_coding import quantize_pmf
 from ..hyper_synthesis import FRACTION_BITS
-from ..model_file import MODEL_FILE_FORMAT, PAD_MULTIPLE, write_model_file
-from ..model_store import register_model
+from ..model_file import GAIN_BITS, GAIN_FIXED_MAX, GAIN_FIXED_MIN, PAD_MULTIPLE, write_model_file
+from ..model_store import MANIFEST, register_model
 from .data import TRAINING_SLIDES, VALIDATION_FILES, default_data_root, he_files
 from .model import ARCHITECTURE, Analysis, LiteMeanScaleHyperprior, Synthesis
 
@@ -104,14 +105,39 @@ def _training_record(data_root: Path) -> list[str]:
     return files + [s for s in TRAINING_SLIDES if (data_root / s).exists()]
 
 
+def rung_gains(gains: list[float], channels: int) -> list[np.ndarray]:
+    """Scalar gains (ascending: quality rises with the gain) as fixed-point (M,) vectors."""
+    if not gains or any(not b > a for a, b in zip(gains, gains[1:], strict=False)):
+        raise ValueError(f"gains must be strictly increasing, got {gains}")
+    fixed = [np.full(channels, round(g * 2**GAIN_BITS), dtype=np.int64) for g in gains]
+    if any(not GAIN_FIXED_MIN <= f[0] <= GAIN_FIXED_MAX for f in fixed):
+        raise ValueError(f"gains must lie in 1/64..64, got {gains}")
+    return fixed
+
+
 def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
-                 data_root: Path | None = None, make_default: bool = False,
-                 default_quality: bool = False) -> Path:
-    """Write ``<family>-q<quality>.dlwsi`` into ``weights_dir`` and register it."""
-    target = weights_dir / f"{family}-q{quality}.dlwsi"
+                 gains: list[float] | None = None, data_root: Path | None = None,
+                 make_default: bool = False, default_quality: int | None = None) -> Path:
+    """Write one file holding rungs ``quality``, ``quality + 1``, ... (one per gain) into
+    ``weights_dir`` and register each rung."""
+    gains = gains or [1.0]
+    last = quality + len(gains) - 1
+    if not 1 <= quality <= last <= 255:
+        raise ValueError(f"qualities {quality}..{last} are outside 1..255")
+    if default_quality is not None and not quality <= default_quality <= last:
+        raise ValueError(f"default quality {default_quality} is not among {quality}..{last}")
+    name = f"{family}-q{quality}" + (f"-{last}" if last > quality else "")
+    target = weights_dir / f"{name}.dlwsi"
     if target.exists():
         raise FileExistsError(f"{target} exists: released weights never change; "
                               "export under a new model id instead")
+    if (weights_dir / MANIFEST).exists():
+        released = json.loads((weights_dir / MANIFEST).read_text()).get("models", {})
+        taken = sorted(set(released.get(family, {})) & {str(q) for q in range(quality,
+                                                                                 last + 1)})
+        if taken:
+            raise FileExistsError(f"{family} quality {', '.join(taken)} is already released: "
+                                  "released weights never change")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["model_config"]
     if cfg["architecture"] != ARCHITECTURE:
@@ -126,9 +152,8 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
     y_lo, y_freqs = gaussian_tables(scale_table)
     root = data_root or default_data_root()
     meta = {
-        "format": MODEL_FILE_FORMAT,
         "model": family,
-        "quality": quality,
+        "gains": list(gains),
         "architecture": ARCHITECTURE,
         "N": cfg["N"], "M": cfg["M"], "last": cfg["last"], "hyper": cfg.get("hyper", cfg["M"]),
         "first": cfg.get("first", cfg["N"]),
@@ -144,6 +169,7 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     M = cfg["M"]
+    fixed = rung_gains(gains, M)
     write_model_file(
         target,
         meta=meta,
@@ -156,8 +182,10 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
         z_tables=list(zip(z_lo, z_freqs, strict=True)),
         scale_thresholds_fixed=np.floor(scale_table * 2.0**FRACTION_BITS).astype(np.int64),
         y_tables=list(zip(y_lo, y_freqs, strict=True)),
+        rung_gains_fixed={quality + i: f for i, f in enumerate(fixed)},
     )
-    register_model(weights_dir, family, quality, target, make_default=make_default,
-                   default_quality=default_quality)
+    for q in range(quality, last + 1):
+        register_model(weights_dir, family, q, target, make_default=make_default,
+                       default_quality=q == default_quality)
     print(json.dumps({"exported": str(target)}))
     return target
