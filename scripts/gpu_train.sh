@@ -107,7 +107,7 @@ EOF
     tree=$(tree_bytes)
     whl=$(dir_bytes "$WHL")
     init_bytes=$(dir_bytes "$GPU")
-    budget=${PACK_MB:-$(awk -v t="$tree" -v w="$whl" -v i="$init_bytes" -v total="${TOTAL_MB:-58}" \
+    budget=${PACK_MB:-$(awk -v t="$tree" -v w="$whl" -v i="$init_bytes" -v total="${TOTAL_MB:-62}" \
         'BEGIN { b = total - (t + w + i) / 1048576; if (b > 40) b = 40; printf "%.1f", b }')}
     awk -v b="$budget" 'BEGIN { exit !(b >= 6) }' ||
         die "only ${budget} MiB left for the data pack (tree $(mib "$tree") MiB)"
