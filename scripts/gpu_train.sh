@@ -86,8 +86,10 @@ prepare() {
 import sys, torch
 state = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
 slim = {k: state[k] for k in ("model", "model_config", "config", "step") if k in state}
-slim["model"] = {name: value.half() if value.is_floating_point() else value
-                 for name, value in slim["model"].items()}
+# small tensors (bounds such as the 1e-9 likelihood bound, which float16 rounds to 0,
+# and per-channel parameters) stay float32: they cost nothing
+slim["model"] = {name: value.half() if value.is_floating_point() and value.numel() >= 4096
+                 else value for name, value in slim["model"].items()}
 torch.save(slim, sys.argv[2])
 EOF
         args+=(--init "$GPU/init.pt")

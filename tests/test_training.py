@@ -173,3 +173,19 @@ def test_widening_the_transforms_keeps_what_the_narrow_model_computes():
     wide(x)["x_hat"].square().mean().backward()
     assert wide.g_s[2].weight.grad[16:].abs().sum() > 0  # (in, out): new inputs
     assert wide.g_a[2].weight.grad[:, 16:].abs().sum() > 0  # (out, in): new inputs
+
+
+def test_lower_bounds_are_architecture_constants_not_checkpoint_values():
+    """A float16 copy rounds the 1e-9 likelihood bounds to 0 (session 7's GPU payload);
+    loading must restore them, or a likelihood can reach 0 and the loss infinity."""
+    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+    from numcodecs_dlwsi.train.train import with_constant_bounds
+
+    model = LiteMeanScaleHyperprior(N=16, M=24, last=8)
+    damaged = {name: value.half().float() for name, value in model.state_dict().items()}
+    name = "gaussian_conditional.likelihood_lower_bound.bound"
+    assert damaged[name].item() == 0.0
+    restored = with_constant_bounds(damaged, LiteMeanScaleHyperprior(N=16, M=24, last=8))
+    assert restored[name].item() == pytest.approx(1e-9)
+    weight = "g_s.0.weight"  # learned values pass through untouched
+    assert restored[weight] is damaged[weight]

@@ -71,6 +71,20 @@ def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: floa
     return {"loss": lmbda * distortion + bpp, "bpp": bpp, "mse": mse, "ssim": ssim_value}
 
 
+def with_constant_bounds(state: dict[str, torch.Tensor], model: torch.nn.Module
+                         ) -> dict[str, torch.Tensor]:
+    """``state`` with CompressAI's lower-bound buffers taken from ``model``.
+
+    They are constants of the architecture (likelihood bound 1e-9, scale bound 0.11, GDN
+    reparametrization bounds), not learned, but they travel in state dicts; a float16
+    copy (the GPU payload's init, before session 7's fix) turned the 1e-9 likelihood
+    bounds into 0, which lets a likelihood reach 0 and the loss infinity.
+    """
+    own = model.state_dict()
+    return {name: own[name].clone() if name.endswith("bound") and name in own else value
+            for name, value in state.items()}
+
+
 def _optimizers(model: LiteMeanScaleHyperprior, lr: float) -> tuple:
     main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
     aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
@@ -151,7 +165,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
     step, state, packs = 0, None, []
     if checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(with_constant_bounds(state["model"], model))
         step = state["step"]
         packs = state.get("data_packs", [])
     elif config.init:
@@ -159,7 +173,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         shapes = {name: value.shape for name, value in model.state_dict().items()}
         if any(value.shape != shapes.get(name) for name, value in init["model"].items()):
             init["model"] = widen_state(init["model"], model)
-        model.load_state_dict(init["model"])
+        model.load_state_dict(with_constant_bounds(init["model"], model))
     model.to(dev)
     optimizer, aux_optimizer = _optimizers(model, config.lr)
     if state is not None:  # Adam's moments move to the parameters' device as they load
