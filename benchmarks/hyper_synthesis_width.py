@@ -102,6 +102,25 @@ def integer_ms_per_chunk(h_s: nn.Sequential, n: int, repeat: int = 5) -> float:
     return 1000 * float(np.median(times)) / 8
 
 
+def save_with(checkpoint: Path, target: Path, h_s: nn.Sequential, kernel: int, spec: str,
+              args: argparse.Namespace) -> None:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state["model"] = {name: value for name, value in state["model"].items()
+                      if not name.startswith("h_s.")}
+    state["model"].update({f"h_s.{name}": value.detach().clone()
+                           for name, value in h_s.state_dict().items()})
+    state["model_config"] = dict(state["model_config"], hyper_kernel=kernel)
+    state["h_s_retrained"] = {"variant": spec, "crops": args.crops, "steps": args.steps,
+                              "batch": args.batch, "from": str(checkpoint)}
+    for key in ("optimizer", "aux_optimizer"):  # they belong to the old h_s
+        state.pop(key, None)
+    model = LiteMeanScaleHyperprior(**{k: v for k, v in state["model_config"].items()
+                                       if k != "architecture"})
+    model.load_state_dict(with_constant_bounds(state["model"], model))  # it must load
+    torch.save(state, target)
+    print(f"wrote {target}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", type=Path)
@@ -111,6 +130,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--save", type=Path, metavar="CHECKPOINT",
+                        help="write the checkpoint with its h_s replaced by the first "
+                             "variant (FIRST must be the model's hyper width, SECOND 1.5x "
+                             "it), for dlwsi-train export")
     args = parser.parse_args()
     torch.manual_seed(0)
     root = default_data_root()
@@ -144,6 +167,8 @@ def main() -> None:
         row = report(f"{spec} from scratch", h_s.eval())
         row["train_s"] = time.time() - started
         rows.append(row)
+        if args.save and len(rows) == 2:
+            save_with(args.checkpoint, args.save, h_s, kernel, spec, args)
     if args.json:
         args.json.write_text(json.dumps({"checkpoint": str(args.checkpoint), "rows": rows},
                                         indent=1) + "\n")

@@ -18,7 +18,8 @@ from numcodecs_dlwsi.train.train import TrainConfig, train  # noqa: E402
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, data_root):
     run = tmp_path_factory.mktemp("run")
-    config = TrainConfig(lmbda=0.01, steps=2, batch=2, crop=64, N=16, M=24, last=8)
+    config = TrainConfig(lmbda=0.01, steps=2, batch=2, crop=64, N=16, M=24, last=8,
+                         hyper_kernel=1)
     train(run, config, save_every=1, log_every=1, val_every=2, data_root=data_root)
     return run
 

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="latent channels M (a narrower --init checkpoint is widened)")
     train.add_argument("--hyper", type=int, default=0,
                        help="hyper-synthesis hidden width (0 = same as --latent)")
+    train.add_argument("--hyper-kernel", type=int, default=3, choices=(1, 3),
+                       help="kernel of the hyper-synthesis's last layer (new runs; 1 decodes "
+                            "faster on a CPU)")
     train.add_argument("--synthesis-first", type=int, default=0,
                        help="channels of the synthesis's first (1/8 resolution) stage "
                             "(0 = N; a narrower --init checkpoint is widened)")
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         config = TrainConfig(lmbda=args.lmbda, steps=args.steps,
                              batch=args.batch or TrainConfig.batch,
                              crop=args.crop or TrainConfig.crop, lr=args.lr, M=args.latent,
-                             hyper=args.hyper, first=args.synthesis_first,
+                             hyper=args.hyper, hyper_kernel=args.hyper_kernel,
+                             first=args.synthesis_first,
                              analysis=args.analysis_width,
                              ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None)

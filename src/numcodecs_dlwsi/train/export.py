@@ -143,7 +143,8 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
     if cfg["architecture"] != ARCHITECTURE:
         raise ValueError(f"checkpoint architecture {cfg['architecture']} is not {ARCHITECTURE}")
     model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0),
-                                    cfg.get("first", 0), cfg.get("analysis", 0))
+                                    cfg.get("first", 0), cfg.get("analysis", 0),
+                                    cfg.get("hyper_kernel", 3))
     model.load_state_dict(state["model"])
     model.eval()
 
@@ -158,6 +159,7 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
         "N": cfg["N"], "M": cfg["M"], "last": cfg["last"], "hyper": cfg.get("hyper", cfg["M"]),
         "first": cfg.get("first", cfg["N"]),
         "analysis": cfg.get("analysis", cfg["N"]),
+        "hyper_kernel": cfg.get("hyper_kernel", 3),
         "ssim_weight": state["config"].get("ssim_weight", 0.0),
         "pad_multiple": PAD_MULTIPLE,
         "fraction_bits": FRACTION_BITS,

@@ -51,6 +51,7 @@ class TrainConfig:
     init: str | None = None  # checkpoint to start from (fine-tuning to another lambda)
     ssim_weight: float = 0.0  # share of the distortion measured as SSIM instead of MSE
     hyper: int = 0  # h_s hidden width (0 = M, CompressAI's choice)
+    hyper_kernel: int = 3  # kernel of h_s's last layer (1: a third of CPU decode's h_s)
     first: int = 0  # width of g_s's first stage (0 = N)
     analysis: int = 0  # g_a's hidden width (0 = N)
 
@@ -160,7 +161,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
 
     torch.manual_seed(config.seed)
     model = LiteMeanScaleHyperprior(config.N, config.M, config.last, config.hyper,
-                                    config.first, config.analysis)
+                                    config.first, config.analysis, config.hyper_kernel)
     checkpoint = run / "checkpoint.pt"
     step, state, packs = 0, None, []
     if checkpoint.exists():
