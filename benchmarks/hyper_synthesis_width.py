@@ -129,6 +129,9 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=1024, help="training crops of 256²")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--with-slides", action="store_true",
+                        help="draw crops from the training slides too (level 0 and 2x), as "
+                             "the network's own training did")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--save", type=Path, metavar="CHECKPOINT",
                         help="write the checkpoint with its h_s replaced by the first "
@@ -140,7 +143,7 @@ def main() -> None:
     model = load_model(args.checkpoint)
     for p in model.parameters():
         p.requires_grad_(False)
-    sampler = CropSampler(load_training_images(root, with_slides=False), 256)
+    sampler = CropSampler(load_training_images(root, with_slides=args.with_slides), 256)
     crops = np.stack([t for t in sampler.batch(args.crops)])
     y_train, z_train = latents(model, crops)
     y_val, z_val = latents(model, validation_tiles(root, size=256, per_image=4))
