@@ -47,8 +47,7 @@ def hyper_synthesis(n: int, m: int, first: int, second: int, kernel: int) -> nn.
 def load_model(checkpoint: Path) -> LiteMeanScaleHyperprior:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["model_config"]
-    model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0),
-                                    cfg.get("first", 0), cfg.get("analysis", 0))
+    model = LiteMeanScaleHyperprior.from_config(cfg)
     model.load_state_dict(with_constant_bounds(state["model"], model))
     return model.eval()
 
@@ -114,8 +113,7 @@ def save_with(checkpoint: Path, target: Path, h_s: nn.Sequential, kernel: int, s
                               "batch": args.batch, "from": str(checkpoint)}
     for key in ("optimizer", "aux_optimizer"):  # they belong to the old h_s
         state.pop(key, None)
-    model = LiteMeanScaleHyperprior(**{k: v for k, v in state["model_config"].items()
-                                       if k != "architecture"})
+    model = LiteMeanScaleHyperprior.from_config(state["model_config"])
     model.load_state_dict(with_constant_bounds(state["model"], model))  # it must load
     torch.save(state, target)
     print(f"wrote {target}", flush=True)

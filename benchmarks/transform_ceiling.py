@@ -39,8 +39,7 @@ def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 def ceiling(checkpoint: Path, tiles: torch.Tensor) -> dict[str, float]:
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["model_config"]
-    model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0),
-                                    cfg.get("first", 0), cfg.get("analysis", 0))
+    model = LiteMeanScaleHyperprior.from_config(cfg)
     model.load_state_dict(state["model"])
     model.eval()
     y = model.g_a(tiles)

@@ -140,11 +140,7 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
                                   "released weights never change")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["model_config"]
-    if cfg["architecture"] != ARCHITECTURE:
-        raise ValueError(f"checkpoint architecture {cfg['architecture']} is not {ARCHITECTURE}")
-    model = LiteMeanScaleHyperprior(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0),
-                                    cfg.get("first", 0), cfg.get("analysis", 0),
-                                    cfg.get("hyper_kernel", 3))
+    model = LiteMeanScaleHyperprior.from_config(cfg)
     model.load_state_dict(state["model"])
     model.eval()
 

@@ -85,6 +85,16 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
         x_hat = self.g_s(y_hat).float()
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 
+    @classmethod
+    def from_config(cls, cfg: dict) -> LiteMeanScaleHyperprior:
+        """The model a checkpoint's ``model_config`` (``config()``) describes; keys that
+        older checkpoints lack take their defaults."""
+        if cfg.get("architecture", ARCHITECTURE) != ARCHITECTURE:
+            raise ValueError(f"checkpoint architecture {cfg['architecture']} is not "
+                             f"{ARCHITECTURE}")
+        return cls(cfg["N"], cfg["M"], cfg["last"], cfg.get("hyper", 0), cfg.get("first", 0),
+                   cfg.get("analysis", 0), cfg.get("hyper_kernel", 3))
+
     def config(self) -> dict:
         return {"architecture": ARCHITECTURE, "N": self.N, "M": self.M, "last": self.last,
                 "hyper": self.hyper, "first": self.first, "analysis": self.analysis,
