@@ -190,3 +190,57 @@ def test_lower_bounds_are_architecture_constants_not_checkpoint_values():
     assert restored[name].item() == pytest.approx(1e-9)
     weight = "g_s.0.weight"  # learned values pass through untouched
     assert restored[weight] is damaged[weight]
+
+
+def test_ladder_tuning_moves_the_decoder_side_only(tiny_run, tmp_path, data_root):
+    """--ladder-gains tunes h_s and g_s of --init; the encoder side, which decides the
+    coded latents, must stay bit for bit, and the run must resume like any other."""
+    import torch
+
+    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+    from numcodecs_dlwsi.train.train import GainSampler
+
+    init = tiny_run / "checkpoint.pt"
+    before = torch.load(init, weights_only=False)["model"]
+    run = tmp_path / "ladder"
+    config = TrainConfig(lmbda=0.01, steps=2, batch=4, crop=64, N=16, M=24, last=8,
+                         hyper_kernel=1, lr=1e-2, init=str(init), ladder_gains=[0.25, 1.0])
+    train(run, config, save_every=1, log_every=1, val_every=2, data_root=data_root)
+    config.steps = 3
+    train(run, config, save_every=1, log_every=1, val_every=3, data_root=data_root)
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3 and state["aux_optimizer"] is None
+    after = state["model"]
+    learned = [name for name, _ in LiteMeanScaleHyperprior(
+        N=16, M=24, last=8, hyper_kernel=1).named_parameters()]  # buffers are constants
+    for name in learned:
+        frozen = name.startswith(("g_a.", "h_a.", "entropy_bottleneck."))
+        assert torch.equal(after[name], before[name]) == frozen, name
+
+    sampler = GainSampler([0.25, 1.0], torch.device("cpu"))
+    gains, weights = sampler.draw(256)
+    assert set(gains.flatten().tolist()) == {0.25, 1.0}
+    assert gains.shape == (256, 1, 1, 1)
+    # weight grows as gain squared, mean 1 over the ladder
+    assert torch.allclose(weights, gains.flatten() ** 2 / ((0.25**2 + 1.0) / 2))
+
+
+def test_a_gain_codes_the_latent_on_a_finer_or_coarser_grid():
+    """The model's gain path is the exported rung's arithmetic: y_hat - mean is a multiple
+    of 1/gain."""
+    import torch
+
+    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+
+    model = LiteMeanScaleHyperprior(N=16, M=24, last=8).eval()
+    captured = {}
+    model.g_s.register_forward_pre_hook(lambda _, args: captured.update(y_hat=args[0]))
+    x = torch.rand(2, 3, 64, 64)
+    gain = torch.tensor([0.5, 2.0]).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        model(x, gain)
+        z = model.h_a(model.g_a(x))
+        medians = model.entropy_bottleneck._get_medians()
+        _, means = model.h_s(torch.round(z - medians) + medians).chunk(2, 1)
+    steps = (captured["y_hat"] - means) * gain
+    assert torch.allclose(steps, torch.round(steps), atol=1e-4)

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--ssim-weight", type=float, default=0.0,
                        help="share of the distortion measured as 1-SSIM instead of MSE (0-1)")
     train.add_argument("--init", type=Path, help="checkpoint to fine-tune from (new runs only)")
+    train.add_argument("--ladder-gains", type=_gains, metavar="G1,G2,...",
+                       help="tune the decoder side of --init for a quality ladder: only the "
+                            "hyper-synthesis and synthesis train, each crop coded at one of "
+                            "these latent gains (new runs; export with the same --gains)")
     train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
     train.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
@@ -134,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
                              first=args.synthesis_first,
                              analysis=args.analysis_width,
                              ssim_weight=args.ssim_weight,
-                             init=str(args.init) if args.init else None)
+                             init=str(args.init) if args.init else None,
+                             ladder_gains=args.ladder_gains)
         train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,
               minutes=args.minutes, data_pack=args.data_pack, overrides=overrides)
         return 0

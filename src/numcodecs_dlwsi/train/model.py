@@ -67,7 +67,10 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
             deconv(last, 3),
         )
 
-    def forward(self, x: Tensor) -> dict:
+    def forward(self, x: Tensor, gain: Tensor | None = None) -> dict:
+        """``gain`` (B, 1, 1, 1), optional: code each crop at that latent gain, as a
+        quality rung of the exported ladder does (y, its means and scales are multiplied
+        by it before rounding, and y_hat divided by it after)."""
         y = self.g_a(x)
         # Under mixed precision (training with --amp bf16) only g_a and g_s run in bf16:
         # the hyperprior and both entropy models stay in float32, since bf16 likelihoods
@@ -80,8 +83,12 @@ class LiteMeanScaleHyperprior(MeanScaleHyperprior):
             z_offset = self.entropy_bottleneck._get_medians()
             z_hat = ste_round(z - z_offset) + z_offset
             scales_hat, means_hat = self.h_s(z_hat).chunk(2, 1)
+            if gain is not None:
+                y, scales_hat, means_hat = y * gain, scales_hat * gain, means_hat * gain
             _, y_likelihoods = self.gaussian_conditional(y, scales_hat, means=means_hat)
             y_hat = ste_round(y - means_hat) + means_hat
+            if gain is not None:
+                y_hat = y_hat / gain
         x_hat = self.g_s(y_hat).float()
         return {"x_hat": x_hat, "likelihoods": {"y": y_likelihoods, "z": z_likelihoods}}
 

@@ -54,22 +54,33 @@ class TrainConfig:
     hyper_kernel: int = 3  # kernel of h_s's last layer (1: a third of CPU decode's h_s)
     first: int = 0  # width of g_s's first stage (0 = N)
     analysis: int = 0  # g_a's hidden width (0 = N)
+    # Latent gains of a quality ladder: when given, the run tunes the decoder side only
+    # (h_s and g_s; g_a, h_a and the hyper-latent prior stay as --init has them, so the
+    # latents do not move), each crop coded at one of these gains, as exported rungs are.
+    ladder_gains: list[float] | None = None
 
 
 def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: float,
-                    ssim_weight: float = 0.0, amp: bool = False) -> dict:
+                    ssim_weight: float = 0.0, amp: bool = False,
+                    gain: torch.Tensor | None = None,
+                    weight: torch.Tensor | None = None) -> dict:
+    """Loss and its parts for a batch; ``gain`` (B, 1, 1, 1) codes each crop at a latent
+    gain and ``weight`` (B,) weighs each crop's distortion (mean 1 over the ladder)."""
     # bf16 autocast covers the model's transforms only: the model keeps its entropy models in
     # float32, and the loss (rates, MSE, SSIM) is computed here in float32 too
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(x)
+        out = model(x, gain)
     num_pixels = x.shape[0] * x.shape[2] * x.shape[3]
     bpp = sum(
         torch.log(lk).sum() / (-math.log(2) * num_pixels) for lk in out["likelihoods"].values()
     )
-    mse = torch.mean((out["x_hat"] - x) ** 2)
-    ssim_value = ssim(out["x_hat"].clamp(0.0, 1.0), x, data_range=1.0)
+    mse = torch.mean((out["x_hat"] - x) ** 2, dim=(1, 2, 3))
+    ssim_value = ssim(out["x_hat"].clamp(0.0, 1.0), x, data_range=1.0, size_average=False)
     distortion = (1.0 - ssim_weight) * 255**2 * mse + ssim_weight * SSIM_SCALE * (1 - ssim_value)
-    return {"loss": lmbda * distortion + bpp, "bpp": bpp, "mse": mse, "ssim": ssim_value}
+    if weight is not None:
+        distortion = distortion * weight
+    return {"loss": lmbda * distortion.mean() + bpp, "bpp": bpp, "mse": mse.mean(),
+            "ssim": ssim_value.mean()}
 
 
 def with_constant_bounds(state: dict[str, torch.Tensor], model: torch.nn.Module
@@ -87,9 +98,38 @@ def with_constant_bounds(state: dict[str, torch.Tensor], model: torch.nn.Module
 
 
 def _optimizers(model: LiteMeanScaleHyperprior, lr: float) -> tuple:
-    main = [p for n, p in model.named_parameters() if not n.endswith(".quantiles")]
-    aux = [p for n, p in model.named_parameters() if n.endswith(".quantiles")]
-    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=1e-3)
+    """Adam for the trainable weights, and for the hyper-latent quantiles (None when
+    they are frozen)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    main = [p for n, p in trainable if not n.endswith(".quantiles")]
+    aux = [p for n, p in trainable if n.endswith(".quantiles")]
+    return torch.optim.Adam(main, lr=lr), torch.optim.Adam(aux, lr=1e-3) if aux else None
+
+
+def freeze_encoder_side(model: LiteMeanScaleHyperprior) -> None:
+    """Fix everything that decides the coded latents: g_a, h_a and the hyper-latent prior
+    (its medians offset z). Tuning what remains (h_s, g_s) changes rate and quality of
+    every rung without retraining the encoder."""
+    for module in (model.g_a, model.h_a, model.entropy_bottleneck):
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+
+
+class GainSampler:
+    """One ladder gain per crop, uniform over the rungs, with the crop's distortion weight.
+
+    The weight grows as gain² (normalised to mean 1 over the ladder): a rung's distortion
+    falls about as 1/gain², so this asks every rung for the same relative improvement
+    instead of letting the coarsest rungs' large errors dominate the loss.
+    """
+
+    def __init__(self, gains: list[float], device: torch.device) -> None:
+        self.gains = torch.tensor(gains, dtype=torch.float32, device=device)
+        self.weights = self.gains**2 / (self.gains**2).mean()
+
+    def draw(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(0, len(self.gains), (batch,), device=self.gains.device)
+        return self.gains[pick].view(-1, 1, 1, 1), self.weights[pick]
 
 
 def _save_atomic(state: dict, path: Path) -> None:
@@ -176,12 +216,17 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
             init["model"] = widen_state(init["model"], model)
         model.load_state_dict(with_constant_bounds(init["model"], model))
     model.to(dev)
+    gain_sampler = None
+    if config.ladder_gains:
+        freeze_encoder_side(model)
+        gain_sampler = GainSampler(config.ladder_gains, dev)
     optimizer, aux_optimizer = _optimizers(model, config.lr)
     if state is not None:  # Adam's moments move to the parameters' device as they load
         optimizer.load_state_dict(state["optimizer"])
         for group in optimizer.param_groups:
             group["lr"] = config.lr
-        aux_optimizer.load_state_dict(state["aux_optimizer"])
+        if aux_optimizer is not None:
+            aux_optimizer.load_state_dict(state["aux_optimizer"])
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop and batch: autotune the convs
         # float32 means float32 (h_a, h_s and the loss; everything under --amp none):
@@ -223,17 +268,20 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
     started, window = time.perf_counter(), []
     while step < config.steps:
         x = next_batch()
+        gain, weight = gain_sampler.draw(len(x)) if gain_sampler else (None, None)
         optimizer.zero_grad()
-        aux_optimizer.zero_grad()
-        rd = rate_distortion(model, x, config.lmbda, config.ssim_weight, amp=amp == "bf16")
+        rd = rate_distortion(model, x, config.lmbda, config.ssim_weight, amp=amp == "bf16",
+                             gain=gain, weight=weight)
         if not torch.isfinite(rd["loss"]):
             continue  # a rare bad batch must not poison the weights
         rd["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         aux_loss = model.aux_loss()
-        aux_loss.backward()
-        aux_optimizer.step()
+        if aux_optimizer is not None:
+            aux_optimizer.zero_grad()
+            aux_loss.backward()
+            aux_optimizer.step()
         step += 1
         # kept on the device until logged: reading them each step would stall a GPU
         window.append(torch.stack([rd["loss"], rd["bpp"], rd["mse"], rd["ssim"]]).detach())
@@ -253,7 +301,8 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
             started, window = time.perf_counter(), []
         if step % save_every == 0 or last:
             state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "aux_optimizer": aux_optimizer.state_dict(), "step": step,
+                     "aux_optimizer": aux_optimizer and aux_optimizer.state_dict(),
+                     "step": step,
                      "config": asdict(config), "model_config": model.config()}
             if packs:
                 state["data_packs"] = packs
