@@ -8,7 +8,9 @@ Images of the same size are processed as one batch.
 
 A quality rung of a format-2 model multiplies the latent by a per-channel gain before
 rounding (and its mean and scale with it, in exact fixed point): a gain below 1 quantizes
-more coarsely, so one trained network serves the whole quality ladder.
+more coarsely, so one trained network serves the whole quality ladder. Every chunk names
+its rung, so an encoder given a ``target_ssim`` codes each chunk at the lowest rung (up
+to the configured quality) that reaches it; a reader accepts any rung of the pinned file.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -86,13 +88,24 @@ def batches(items: list[int], pixels_each: int) -> list[list[int]]:
 
 def entropy_parameters(model: ModelFile, z_symbols: np.ndarray, gain: np.ndarray | None
                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer path: z symbols (B, N, h, w) -> scale levels and means (fixed point).
+    """Integer path: z symbols (B, N, h, w) -> scale levels and means (fixed point)."""
+    return rung_parameters(model, *hyper_parameters(model, z_symbols), gain)
+
+
+def hyper_parameters(model: ModelFile, z_symbols: np.ndarray
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer h_s: z symbols -> scales and means (fixed point), before any gain."""
+    z_fixed = z_symbols * FIXED_ONE + model.z_medians_fixed[None, :, None, None]
+    return model.hyper_synthesis(z_fixed)
+
+
+def rung_parameters(model: ModelFile, scales: np.ndarray, means: np.ndarray,
+                    gain: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """One rung's scale levels and means from :func:`hyper_parameters`' output.
 
     ``gain`` is the rung's (M,) fixed-point gain, or None (format 1): scales and means of
     the gained latent are ``floor((value * gain + 2**15) / 2**16)``, exact in float64.
     """
-    z_fixed = z_symbols * FIXED_ONE + model.z_medians_fixed[None, :, None, None]
-    scales, means = model.hyper_synthesis(z_fixed)
     if gain is not None:
         g = gain.astype(np.float64)[None, :, None, None]
         half = GAIN_ONE / 2
@@ -106,18 +119,81 @@ def _gain_float(gain: np.ndarray | None) -> np.ndarray | float:
     return 1.0 if gain is None else (gain.astype(np.float64) / GAIN_ONE)[:, None, None]
 
 
+def quantize_latents(y: np.ndarray, means: np.ndarray, gain: np.ndarray | None
+                     ) -> np.ndarray:
+    """Integer symbols of a latent (..., M, h, w) at one rung: what the chunk stores."""
+    return np.rint(y * _gain_float(gain) - means / FIXED_ONE).astype(np.int64)
+
+
+def dequantize_latents(y_symbols: np.ndarray, means: np.ndarray, gain: np.ndarray | None
+                       ) -> np.ndarray:
+    """y_hat, float32, the synthesis input: bit-exact wherever it is computed."""
+    y_hat = y_symbols + means / FIXED_ONE  # exact in float64
+    if gain is not None:
+        y_hat = y_hat / _gain_float(gain)  # one IEEE division: deterministic
+    return y_hat.astype(np.float32)
+
+
+def rung_ref(ref: ModelRef, quality: int) -> ModelRef:
+    """Another rung of the file ``ref`` pins (format-2 files hold the whole ladder)."""
+    return ref if quality == ref.quality else replace(ref, quality=quality)
+
+
+def ladder_below(ref: ModelRef) -> list[int]:
+    """The rungs a rate-controlled encoder may choose: those of ``ref``'s file up to and
+    including ``ref.quality``, ascending."""
+    model = load(ref)
+    if model.rungs.get(ref.quality) is None:
+        raise ValueError(f"dlwsi target_ssim needs a model whose file holds a quality ladder; "
+                         f"{ref.model} quality {ref.quality} is a single-rung file")
+    return [q for q in sorted(model.rungs) if q <= ref.quality]
+
+
+def _lowest_rung_reaching(target_ssim: float, image: np.ndarray, y: np.ndarray,
+                          scales: np.ndarray, means: np.ndarray, ref: ModelRef,
+                          ladder: list[int]) -> int:
+    """Binary search for the lowest rung whose decoded chunk has SSIM >= target vs
+    ``image`` (3, H, W), from its latent and h_s output (batches of one); the top of
+    ``ladder`` where none does. Quality rises with the
+    rung (tests/test_quality_ladder.py), so about log2(rungs) decodes are run."""
+    from .quality_measure import tissue_ssim
+
+    model = load(ref)
+    height, width = image.shape[1:]
+    chosen, low, high = ladder[-1], 0, len(ladder) - 1
+    while low <= high:
+        middle = (low + high) // 2
+        quality = ladder[middle]
+        gain = model.rungs[quality]
+        _, rung_means = rung_parameters(model, scales, means, gain)
+        y_hat = dequantize_latents(quantize_latents(y, rung_means, gain), rung_means, gain)
+        x_hat = runtime.synthesis(rung_ref(ref, quality), y_hat)[0]
+        decoded = np.clip(np.rint(x_hat[:, :height, :width]), 0, 255).astype(np.uint8)
+        if tissue_ssim(decoded, image) >= target_ssim:
+            chosen, high = quality, middle - 1
+        else:
+            low = middle + 1
+    return chosen
+
+
 def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
-                 timer: StageTimer = _untimed) -> list[bytes]:
-    """Encode uint8 RGB images, (3, H, W) or (H, W, 3) each, with one pinned model."""
+                 timer: StageTimer = _untimed, target_ssim: float | None = None
+                 ) -> list[bytes]:
+    """Encode uint8 RGB images, (3, H, W) or (H, W, 3) each, with one pinned model.
+
+    With ``target_ssim``, each image is coded at the lowest rung of the pinned file, up
+    to ``ref.quality``, whose decoded image reaches that SSIM (see
+    :func:`quality_measure.tissue_ssim`); the rung is recorded in the chunk's header.
+    """
     with timer("prepare"):
         prepared = [as_chw(image) for image in images]
         model = load(ref)
+        ladder = ladder_below(ref) if target_ssim is not None else [ref.quality]
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (chw, _) in enumerate(prepared):
         by_size[chw.shape[1:]].append(i)
     chunks: list[bytes] = [b""] * len(prepared)
     medians = model.z_medians_fixed / FIXED_ONE
-    gain = model.rungs.get(ref.quality)
     for (height, width), members in by_size.items():
         ph, pw = padded_size(height), padded_size(width)
         for batch in batches(members, ph * pw):
@@ -129,13 +205,23 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
                 y, z = runtime.analysis(ref, x)
             with timer("hyper_synthesis"):
                 z_symbols = np.rint(z - medians[None, :, None, None])
-                levels, means = entropy_parameters(model, z_symbols, gain)
+                scales, means = hyper_parameters(model, z_symbols)
+            qualities = [ref.quality] * len(batch)
+            if len(ladder) > 1:
+                with timer("rate_control"):
+                    qualities = [_lowest_rung_reaching(
+                        target_ssim, prepared[i][0], y[k : k + 1], scales[k : k + 1],
+                        means[k : k + 1], ref, ladder)
+                        for k, i in enumerate(batch)]
             with timer("entropy_encode"):
-                y_symbols = np.rint(y * _gain_float(gain) - means / FIXED_ONE).astype(np.int64)
                 for k, i in enumerate(batch):
+                    gain = model.rungs.get(qualities[k])
+                    levels, rung_means = rung_parameters(model, scales[k : k + 1],
+                                                         means[k : k + 1], gain)
+                    y_symbols = quantize_latents(y[k], rung_means[0], gain)
                     payload = encode_latents(z_symbols[k].astype(np.int64), model.z_tables,
-                                             y_symbols[k], levels[k], model.y_tables)
-                    header = ChunkHeader(quality=ref.quality, model_id=ref.model,
+                                             y_symbols, levels[0], model.y_tables)
+                    header = ChunkHeader(quality=qualities[k], model_id=ref.model,
                                          model_hash_prefix=ref.hash_prefix, height=height,
                                          width=width, layout=prepared[i][1],
                                          version=model.bitstream_version)
@@ -154,13 +240,18 @@ class DecodedLatents:
     _decoder: LatentDecoder | None = None
 
 
-def _check_pinned(header: ChunkHeader, ref: ModelRef) -> None:
-    if (header.model_id, header.quality) != (ref.model, ref.quality) or (
-            header.model_hash_prefix != ref.hash_prefix):
+def _check_pinned(header: ChunkHeader, ref: ModelRef) -> ModelRef:
+    """The rung ``header`` names, which must be in the file ``ref`` pins: the configured
+    rung, or another of a ladder file (a rate-controlled encoder chose it)."""
+    same_file = (header.model_id == ref.model and header.model_hash_prefix == ref.hash_prefix
+                 and (header.quality == ref.quality
+                      or load(ref).rungs.get(header.quality) is not None))
+    if not same_file:
         raise ModelNotAvailableError(
             f"dlwsi chunk was written by model {header.model_id!r} quality {header.quality} "
             f"(hash {header.model_hash_prefix.hex()}), but the codec is configured for "
             f"{ref.model!r} quality {ref.quality} (hash {ref.hash_prefix.hex()})")
+    return rung_ref(ref, header.quality)
 
 
 def ref_for_chunk(header: ChunkHeader) -> ModelRef:
@@ -186,7 +277,7 @@ def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
                 if key not in found:
                     found[key] = ref_for_chunk(header)
                 chunk_ref = found[key]
-            _check_pinned(header, chunk_ref)
+            chunk_ref = _check_pinned(header, chunk_ref)
             model = load(chunk_ref)
             if header.version != model.bitstream_version:
                 raise ValueError(
@@ -208,10 +299,7 @@ def decode_latents(chunks: Sequence[bytes], ref: ModelRef | None = None,
         with timer("entropy_decode_y"):
             for k, item in enumerate(members):
                 y_symbols = item._decoder.decode_y(levels[k], model.y_tables)
-                y_hat = y_symbols + means[k] / FIXED_ONE  # exact in float64
-                if gain is not None:
-                    y_hat = y_hat / _gain_float(gain)  # one IEEE division: deterministic
-                item.y_hat = y_hat.astype(np.float32)
+                item.y_hat = dequantize_latents(y_symbols, means[k], gain)
                 item._decoder = None
     return pending
 

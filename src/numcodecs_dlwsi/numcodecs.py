@@ -21,19 +21,25 @@ class Dlwsi(Codec):
         Model id; defaults to the installed default model.
     model_hash : str, optional
         SHA-256 of the weights; filled in automatically and stored in array metadata.
+    target_ssim : float, optional
+        Rate control: code each chunk at the lowest rung, up to ``quality`` (default
+        then: the model's top rung), whose decoded chunk reaches this SSIM over its
+        non-white pixels. Needs scikit-image to encode; decoding needs nothing more.
     """
 
     codec_id = "dlwsi"
 
     def __init__(self, quality: int | None = None, model: str | None = None,
-                 model_hash: str | None = None) -> None:
-        config = CodecConfig.create(quality, model, model_hash)
+                 model_hash: str | None = None, target_ssim: float | None = None) -> None:
+        config = CodecConfig.create(quality, model, model_hash, target_ssim)
         self.quality, self.model, self.model_hash = config.quality, config.model, \
             config.model_hash
+        self.target_ssim = config.target_ssim
         self._config = config
 
     def encode(self, buf: object) -> bytes:
-        return encode_batch([ensure_ndarray_like(buf)], self._config.ref())[0]
+        return encode_batch([ensure_ndarray_like(buf)], self._config.ref(),
+                            target_ssim=self.target_ssim)[0]
 
     def decode(self, buf: object, out: object = None) -> np.ndarray:
         chunk = ensure_contiguous_ndarray(buf).view(np.uint8)
