@@ -107,6 +107,8 @@ def test_read_only_directory(slides, tmp_path):
     (["--saturation-threshold", "high"], ["--saturation-threshold"]),
     (["--overwrite", "--resume"], ["contradict"]),
     (["--chunk", "500"], ["--chunk"]),
+    (["--codec", "jpeg", "--target-ssim", "0.95"], ["--target-ssim", "dlwsi"]),
+    (["--target-ssim", "1.5"], ["codec dlwsi", "target_ssim"]),
 ])
 def test_bad_options(slides, tmp_path, args, words):
     proc = run_cli(slides / SMALL, tmp_path / "out.zarr", *args)

@@ -160,6 +160,24 @@ def test_verify_default_quality_ssim(slides, default_stores, rel):
     assert level0["ssim_tissue"] >= 0.95, level0
 
 
+def test_rate_control_picks_a_rung_per_chunk(slides, tmp_path):
+    """--target-ssim: chunks of one array carry different rungs, the store names the
+    target, and level 0 lands near it (or at the ladder's top)."""
+    from numcodecs_dlwsi import bitstream
+
+    store = tmp_path / "rc.zarr"
+    run_cli(slides / CMU, store, "--target-ssim", "0.94", "--shard", "1", "--no-progress")
+    meta = json.loads((store / "0" / "zarr.json").read_text())
+    config = meta["codecs"][0]["configuration"]
+    assert config["target_ssim"] == 0.94
+    rungs = [bitstream.unpack(path.read_bytes())[0].quality
+             for path in (store / "0" / "c").rglob("*") if path.is_file()]
+    assert len(rungs) > 3 and len(set(rungs)) > 1 and max(rungs) <= config["quality"]
+    level0 = _verify(slides, CMU, store)["levels"][0]
+    assert level0["ssim_tissue"] >= 0.935, level0
+    assert "target_ssim" in run_cli("info", store).stdout
+
+
 def test_verify_reports_every_level_and_sizes(slides, tmp_path):
     store = tmp_path / "cmu-jpeg.zarr"
     run_cli(slides / CMU, store, "--codec", "jpeg", "--quality", "95", "--no-progress")

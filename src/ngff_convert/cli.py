@@ -61,7 +61,13 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="dlwsi", choices=list(CODECS),
                    help=f"chunk codec (default dlwsi). {_codec_help()}")
     p.add_argument("--quality", type=int, default=None,
-                   help="codec quality in the codec's own scale (default: the codec's)")
+                   help="codec quality in the codec's own scale (default: the codec's); "
+                        "with --target-ssim, the highest dlwsi rung a chunk may use")
+    p.add_argument("--target-ssim", type=float, default=None, metavar="SSIM",
+                   help="dlwsi rate control: code each chunk at the lowest quality rung "
+                        "whose decoded chunk reaches this SSIM over its tissue (non-white) "
+                        "pixels, so easy tissue costs fewer bytes; encoding takes about "
+                        "twice as long")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
     p.add_argument("--glass", choices=[g.value for g in Glass], default=Glass.fill.value,
@@ -153,7 +159,8 @@ def _run_convert(args: argparse.Namespace) -> int:
     if args.overwrite and args.resume:
         raise ConvertError("--overwrite and --resume contradict each other; pick one")
     options = Options(
-        codec=args.codec, quality=args.quality, ngff=args.ngff, glass=Glass(args.glass),
+        codec=args.codec, quality=args.quality, target_ssim=args.target_ssim, ngff=args.ngff,
+        glass=Glass(args.glass),
         chunk=args.chunk, shard=args.shard, associated=args.associated,
         mask=MaskParams(saturation=saturation, brightness=args.brightness_threshold,
                         min_area=args.min_tissue, dilate=args.mask_dilate),

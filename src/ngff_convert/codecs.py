@@ -56,19 +56,26 @@ def codec_choice(name: str) -> CodecChoice:
                            f"{', '.join(CODECS)}") from None
 
 
-def _params(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+def _params(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+            ) -> dict[str, Any]:
     q = choice.default_quality if quality is None else quality
     params = dict(choice.settings)
     if q is not None and choice.quality_key is not None:
         params[choice.quality_key] = int(q)
+    if target_ssim is not None:
+        if choice.name != "dlwsi":
+            raise ConvertError(f"--target-ssim is dlwsi's rate control; --codec {choice.name} "
+                               "takes --quality only")
+        params["target_ssim"] = float(target_ssim)
     return params
 
 
-def v3_codecs(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+def v3_codecs(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+              ) -> dict[str, Any]:
     """``filters``/``serializer``/``compressors`` for a Zarr v3 (3, H, W) uint8 array."""
     if choice.name == "dlwsi":
         config: dict[str, Any] = {"name": "dlwsi"}
-        params = _params(choice, quality)
+        params = _params(choice, quality, target_ssim)
         if params:
             config["configuration"] = params
         return {"filters": None, "serializer": config, "compressors": None}
@@ -76,19 +83,20 @@ def v3_codecs(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
     return {
         "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
         "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
-                       "configuration": _params(choice, quality)},
+                       "configuration": _params(choice, quality, target_ssim)},
         "compressors": None,
     }
 
 
-def v2_compressor(choice: CodecChoice, quality: int | None) -> dict[str, Any]:
+def v2_compressor(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+                  ) -> dict[str, Any]:
     """The numcodecs ``compressor`` for a Zarr v2 array (NGFF 0.4)."""
     if choice.channels_last:
         # Zarr v2 has no transpose filter: an image codec would see (3, H, W) chunks as
         # a 3-row image. Only dlwsi codes channel-first chunks directly.
         raise ConvertError(f"--codec {choice.name} needs --ngff 0.5 (Zarr v2 cannot hand it "
                            "channel-last chunks); use --codec dlwsi with --ngff 0.4")
-    return {"id": choice.numcodecs_id, **_params(choice, quality)}
+    return {"id": choice.numcodecs_id, **_params(choice, quality, target_ssim)}
 
 
 _REGISTERED = False
@@ -142,6 +150,7 @@ def describe_v3(codecs: list[dict[str, Any]]) -> str:
         elif name in ("bytes", "transpose", "crc32c"):
             continue
         else:
-            shown = {k: v for k, v in config.items() if k in ("quality", "level", "model")}
+            shown = {k: v for k, v in config.items() if k in ("quality", "level", "model",
+                                                                  "target_ssim")}
             parts.append(f"{name}{shown if shown else ''}")
     return " + ".join(parts) or "none"

@@ -34,6 +34,7 @@ BATCH_SIZE = 16  # chunks per codec call: dlwsi encodes a batch at once
 class Options:
     codec: str = "dlwsi"
     quality: int | None = None
+    target_ssim: float | None = None  # dlwsi: each chunk's rung chosen to reach this SSIM
     ngff: str = "0.5"
     glass: Glass = Glass.fill
     chunk: int = 512
@@ -87,9 +88,9 @@ def _codec_config(options: Options) -> dict[str, Any]:
     """Resolve --codec/--quality for the format; fail (one line) before writing anything."""
     choice = codec_choice(options.codec)
     if options.ngff == "0.5":
-        config = v3_codecs(choice, options.quality)
+        config = v3_codecs(choice, options.quality, options.target_ssim)
     else:
-        config = {"compressors": v2_compressor(choice, options.quality)}
+        config = {"compressors": v2_compressor(choice, options.quality, options.target_ssim)}
     # instantiate once on a scratch store so a bad quality or missing weights fail now
     probe = zarr.create_array(zarr.storage.MemoryStore(), shape=(3, 64, 64),
                               chunks=(3, 64, 64), dtype="uint8", fill_value=255,
