@@ -147,13 +147,17 @@ def _verify(slides, rel, store) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.xfail(strict=True, reason="no single rung of he-mshl-v2 passes on both slides: "
-                   "at the default q6 CMU-1 reaches tissue SSIM 0.949 (q7: 0.950) and TCGA "
-                   "stores 107% of its source (q5: 90%); strict, so this fails once better "
-                   "weights or per-chunk rate control land and the mark must go")
-@pytest.mark.parametrize("rel", [CMU, TCGA])
+@pytest.mark.parametrize("rel", [
+    pytest.param(CMU, marks=pytest.mark.xfail(
+        strict=True, reason="he-mshl-v2's ceiling on CMU-1's texture: the default rate "
+        "control (SSIM 0.96, up to q6) reaches tissue SSIM 0.948, fixed q7 0.950 (PSNR "
+        "stays near 29.8 dB from q6 up); strict, so better weights make this fail until "
+        "the mark goes")),
+    TCGA,
+])
 def test_verify_default_quality_ssim(slides, default_stores, rel):
-    """The requirement: SSIM >= 0.95 vs the source at the default quality (tissue)."""
+    """The requirement: SSIM >= 0.95 vs the source at the default settings (tissue), and
+    a store smaller than the source file."""
     report = _verify(slides, rel, default_stores[rel])
     level0 = report["levels"][0]
     assert report["stored_bytes"] < report["source_bytes"]

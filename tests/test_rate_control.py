@@ -13,7 +13,12 @@ from numcodecs import get_codec
 
 from numcodecs_dlwsi import bitstream, image_codec
 from numcodecs_dlwsi.codec_config import CodecConfig
-from numcodecs_dlwsi.model_store import ModelNotAvailableError, qualities, resolve
+from numcodecs_dlwsi.model_store import (
+    ModelNotAvailableError,
+    default_quality,
+    qualities,
+    resolve,
+)
 from numcodecs_dlwsi.quality_measure import tissue_ssim
 from numcodecs_dlwsi.zarr3 import DlwsiCodec
 
@@ -63,10 +68,11 @@ def test_rate_controlled_arrays_round_trip_through_both_zarr_formats(tmp_path, t
     image = np.concatenate([np.concatenate(tiles[:2], axis=2),
                             np.concatenate(tiles[3:5], axis=2)], axis=1)  # 512x512
     v3 = zarr.create_array(tmp_path / "v3.zarr", shape=image.shape, chunks=(3, 256, 256),
-                           dtype="uint8", serializer={"name": "dlwsi", "configuration": {
-                               "model": LADDER, "target_ssim": 0.95}}, compressors=None)
+                           dtype="uint8", compressors=None, serializer={
+                               "name": "dlwsi", "configuration": {
+                                   "model": LADDER, "target_ssim": 0.95, "quality": 7}})
     v3[:] = image
-    codec = get_codec({"id": "dlwsi", "model": LADDER, "target_ssim": 0.95})
+    codec = get_codec({"id": "dlwsi", "model": LADDER, "target_ssim": 0.95, "quality": 7})
     v2 = zarr.create_array(tmp_path / "v2.zarr", shape=image.shape, chunks=(3, 256, 256),
                            dtype="uint8", compressors=codec, zarr_format=2)
     v2[:] = image
@@ -89,7 +95,7 @@ def test_rate_controlled_arrays_round_trip_through_both_zarr_formats(tmp_path, t
 def test_config_round_trips_and_bad_targets_are_refused():
     codec = get_codec({"id": "dlwsi", "model": LADDER, "target_ssim": 0.95})
     config = codec.get_config()
-    assert config["target_ssim"] == 0.95 and config["quality"] == qualities(LADDER)[-1]
+    assert config["target_ssim"] == 0.95 and config["quality"] == default_quality(LADDER)
     assert get_codec(config).get_config() == config
     v3 = DlwsiCodec(model=LADDER, target_ssim=0.95)
     assert DlwsiCodec.from_dict(v3.to_dict()) == v3

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import ConvertError, __version__
-from .codecs import CODECS
+from .codecs import CODECS, DEFAULT_TARGET_SSIM
 from .tissue import Glass, MaskParams
 
 DESCRIPTION = """\
@@ -65,9 +65,10 @@ def convert_parser() -> argparse.ArgumentParser:
                         "with --target-ssim, the highest dlwsi rung a chunk may use")
     p.add_argument("--target-ssim", type=float, default=None, metavar="SSIM",
                    help="dlwsi rate control: code each chunk at the lowest quality rung "
-                        "whose decoded chunk reaches this SSIM over its tissue (non-white) "
-                        "pixels, so easy tissue costs fewer bytes; encoding takes about "
-                        "twice as long")
+                        "(up to --quality, default the model's default rung) whose decoded "
+                        "chunk reaches this SSIM over its tissue (non-white) pixels, so easy "
+                        "tissue costs fewer bytes; encoding takes about twice as long. "
+                        f"Default {DEFAULT_TARGET_SSIM} unless --quality is given alone")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
     p.add_argument("--glass", choices=[g.value for g in Glass], default=Glass.fill.value,

@@ -28,12 +28,18 @@ class CodecChoice:
     settings: tuple[tuple[str, Any], ...] = ()  # fixed encoder settings stored with the codec
 
 
+#: dlwsi's rate control target when neither --quality nor --target-ssim is given: each
+#: chunk gets the lowest rung, up to the model's default quality, that reaches it
+#: (docs/benchmarks.md, "Rate control": what it stores and keeps on the real slides).
+DEFAULT_TARGET_SSIM = 0.96
+
 CODECS: dict[str, CodecChoice] = {
     c.name: c
     for c in (
         CodecChoice("dlwsi", "dlwsi", "quality", None, False,
-                    "learned codec; quality = the installed model's level (default: its "
-                    "default level)"),
+                    "learned codec; by default each chunk gets the lowest quality rung (up "
+                    f"to the model's default) reaching SSIM {DEFAULT_TARGET_SSIM}; --quality "
+                    "alone fixes the rung"),
         CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100"),
         # imagecodecs' numcodecs wrapper is lossless unless told otherwise, whatever the level
         CodecChoice("jpegxl", "imagecodecs_jpegxl", "level", 90, True,
@@ -59,6 +65,8 @@ def codec_choice(name: str) -> CodecChoice:
 def _params(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
             ) -> dict[str, Any]:
     q = choice.default_quality if quality is None else quality
+    if choice.name == "dlwsi" and quality is None and target_ssim is None:
+        target_ssim = DEFAULT_TARGET_SSIM  # an explicit --quality alone fixes the rung
     params = dict(choice.settings)
     if q is not None and choice.quality_key is not None:
         params[choice.quality_key] = int(q)

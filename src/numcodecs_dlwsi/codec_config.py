@@ -4,7 +4,7 @@ and an optional ``target_ssim`` for rate-controlled encoding.
 Shared by the numcodecs and zarr-python 3 adapters. A configuration written into an
 array pins the exact weights; one given by a user with only a quality is completed
 from the installed default model. With ``target_ssim`` the quality is the highest rung
-the encoder may use (default: the model's top rung), and each chunk names its own rung.
+the encoder may use, and each chunk names its own rung.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 
 from .bitstream import MODEL_ID_PATTERN
-from .model_store import ModelRef, default_model, default_quality, qualities, resolve
+from .model_store import ModelRef, default_model, default_quality, resolve
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -54,9 +54,7 @@ class CodecConfig:
         if model_hash is not None:
             raise ValueError("dlwsi model_hash needs model and quality alongside it")
         model = model or default_model()
-        if quality is None:
-            levels = qualities(model) if target_ssim is not None else []
-            quality = levels[-1] if levels else default_quality(model)
+        quality = default_quality(model) if quality is None else quality
         return cls(quality, model, resolve(model, quality).sha256, target_ssim)
 
     def as_dict(self) -> dict[str, int | str | float]:

@@ -22,9 +22,9 @@ class Dlwsi(Codec):
     model_hash : str, optional
         SHA-256 of the weights; filled in automatically and stored in array metadata.
     target_ssim : float, optional
-        Rate control: code each chunk at the lowest rung, up to ``quality`` (default
-        then: the model's top rung), whose decoded chunk reaches this SSIM over its
-        non-white pixels. Needs scikit-image to encode; decoding needs nothing more.
+        Rate control: code each chunk at the lowest rung, up to ``quality``, whose
+        decoded chunk reaches this SSIM over its non-white pixels. Needs scikit-image to
+        encode; decoding needs nothing more.
     """
 
     codec_id = "dlwsi"
