@@ -128,8 +128,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--with-slides", action="store_true",
-                        help="draw crops from the training slides too (level 0 and 2x), as "
-                             "the network's own training did")
+                        help="draw crops from the training slides too (at 1x, 2x and 4x), "
+                             "as the network's own training did")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--save", type=Path, metavar="CHECKPOINT",
                         help="write the checkpoint with its h_s replaced by the first "
