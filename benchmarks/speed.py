@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - the bench extra installs it
     sys.exit("benchmarks/speed.py needs imagecodecs: pip install 'numcodecs-dlwsi[bench]'")
 
 from numcodecs_dlwsi import runtime
+from numcodecs_dlwsi.bitstream import unpack
 from numcodecs_dlwsi.image_codec import (
     decode_batch,
     decode_latents,
@@ -267,6 +268,35 @@ def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
     }
 
 
+def bench_rate_control(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
+                       stat: str, target_ssim: float) -> dict:
+    """dlwsi encoding with ``target_ssim`` (each tile's rung chosen up to ``ref.quality``),
+    end to end, and decoding what it wrote."""
+    pixels = sum(t.shape[1] * t.shape[2] for t in tiles)
+
+    def encode(items: list, r: ModelRef) -> list[bytes]:
+        return encode_batch(items, r, target_ssim=target_ssim)
+
+    samples: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeat):
+        seconds, chunks = _timed(_in_batches, encode, tiles, ref, batch)
+        samples["encode"].append(seconds)
+        seconds, images = _timed(_in_batches, decode_batch, chunks, ref, batch)
+        samples["decode"].append(seconds)
+    seconds = {name: summarize(values, stat) for name, values in samples.items()}
+    rungs = [unpack(chunk)[0].quality for chunk in chunks]
+    return {
+        "codec": f"dlwsi ssim{target_ssim:g}<=q{ref.quality}",
+        "model": ref.model, "quality_cap": ref.quality, "target_ssim": target_ssim,
+        "batch": batch,
+        "encode_mps": pixels / 1e6 / seconds["encode"],
+        "decode_mps": pixels / 1e6 / seconds["decode"],
+        "bpp": bpp(chunks, pixels), "psnr_db": psnr(tiles, images),
+        "rungs": {str(q): rungs.count(q) for q in sorted(set(rungs))},
+        "seconds": seconds, "samples": dict(samples),
+    }
+
+
 # ------------------------------------------------------------------------- baselines
 
 
@@ -410,6 +440,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which of the R timings to report" + DEFAULT)
     parser.add_argument("--batch", type=int, default=8, metavar="B",
                         help="chunks per dlwsi encode_batch/decode_batch call" + DEFAULT)
+    parser.add_argument("--target-ssim", type=float, default=None, metavar="S",
+                        help="also time rate-controlled dlwsi encoding (each tile's rung "
+                             "chosen for SSIM S, up to the timed quality), as ngff-convert "
+                             "does by default with 0.96")
     parser.add_argument("--single", action="store_true",
                         help="also time dlwsi with one chunk per call, to show what "
                              "batching buys")
@@ -462,7 +496,8 @@ def _fmt(value: float, digits: int = 2) -> str:
 
 
 def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines: list[dict],
-                 ratios: list[dict], args: argparse.Namespace) -> None:
+                 ratios: list[dict], args: argparse.Namespace,
+                 controlled: list[dict] = ()) -> None:
     print("device")
     print(f"  cpu            {device['cpu']} ({device['logical_cpus']} logical CPUs, "
           f"{device['usable_cpus']} usable)")
@@ -479,12 +514,12 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
     print(f"tiles            {len(sources)} x {TILE}x{TILE} RGB from {len(files)} validation "
           f"image(s){overlap}; {args.stat} of {args.repeat} run(s); dlwsi batch {args.batch}")
     print()
-    print(f"{'codec':<22}{'enc MP/s':>10}{'dec MP/s':>10}{'bpp':>8}{'PSNR dB':>9}"
+    print(f"{'codec':<26}{'enc MP/s':>10}{'dec MP/s':>10}{'bpp':>8}{'PSNR dB':>9}"
           f"{'enc ms/tile':>13}{'dec ms/tile':>13}")
     n = len(sources)
-    for row in dlwsi + baselines:
+    for row in [*dlwsi, *controlled, *baselines]:
         name = row["codec"] + (f" (b{row['batch']})" if "batch" in row else "")
-        print(f"{name:<22}{row['encode_mps']:>10.2f}{row['decode_mps']:>10.2f}"
+        print(f"{name:<26}{row['encode_mps']:>10.2f}{row['decode_mps']:>10.2f}"
               f"{row['bpp']:>8.3f}{_fmt(row['psnr_db']):>9}"
               f"{1e3 * row['seconds']['encode'] / n:>13.1f}"
               f"{1e3 * row['seconds']['decode'] / n:>13.1f}")
@@ -507,11 +542,13 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
         cold = row["cold_start_s"]
         print(f"  cold start          first encode_batch {cold['first_encode_batch']:.2f} s, "
               f"first decode_batch {cold['first_decode_batch']:.2f} s (load, ONNX sessions)")
+    for row in controlled:
+        print(f"\n{row['codec']}: rungs chosen (quality: tiles) {row['rungs']}")
     if ratios:
         print()
         print("speed ratios dlwsi / baseline (>1: dlwsi faster)")
         for r in ratios:
-            print(f"  {r['dlwsi']:<18} vs {r['baseline']:<16} encode {r['encode']:>7.3f}x"
+            print(f"  {r['dlwsi']:<26} vs {r['baseline']:<16} encode {r['encode']:>7.3f}x"
                   f"   decode {r['decode']:>7.3f}x")
 
 
@@ -546,6 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         for batch in batches:
             print(f"timing dlwsi {ref.model} q{ref.quality} batch {batch} ...", file=sys.stderr)
             dlwsi.append(bench_dlwsi(tiles, ref, batch, args.repeat, args.stat))
+    controlled = []
+    if args.target_ssim is not None:
+        for ref in refs:
+            print(f"timing dlwsi {ref.model} target SSIM {args.target_ssim} up to "
+                  f"q{ref.quality} ...", file=sys.stderr)
+            controlled.append(bench_rate_control(tiles, ref, args.batch, args.repeat,
+                                                 args.stat, args.target_ssim))
     device = device_info(refs[0])
 
     baselines = []
@@ -557,8 +601,8 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [{"dlwsi": f"{d['codec']} (b{d['batch']})", "baseline": b["codec"],
                "encode": d["encode_mps"] / b["encode_mps"],
                "decode": d["decode_mps"] / b["decode_mps"]}
-              for d in dlwsi for b in baselines]
-    print_report(device, sources, dlwsi, baselines, ratios, args)
+              for d in dlwsi + controlled for b in baselines]
+    print_report(device, sources, dlwsi, baselines, ratios, args, controlled)
 
     if args.json:
         report = {
@@ -572,6 +616,7 @@ def main(argv: list[str] | None = None) -> int:
             "megapixels": sum(t.shape[1] * t.shape[2] for t in tiles) / 1e6,
             "stage_help": STAGE_HELP,
             "dlwsi": dlwsi,
+            "dlwsi_rate_control": controlled,
             "baselines": baselines,
             "ratios": ratios,
         }
