@@ -154,8 +154,8 @@ def _lowest_rung_reaching(target_ssim: float, image: np.ndarray, y: np.ndarray,
                           ladder: list[int]) -> int:
     """Binary search for the lowest rung whose decoded chunk has SSIM >= target vs
     ``image`` (3, H, W), from its latent and h_s output (batches of one); the top of
-    ``ladder`` where none does. Quality rises with the
-    rung (tests/test_quality_ladder.py), so about log2(rungs) decodes are run."""
+    ``ladder`` where none does. Quality rises with the rung (tests/test_quality_ladder.py),
+    so about log2(rungs) trial decodes are run."""
     from .quality_measure import tissue_ssim
 
     model = load(ref)
