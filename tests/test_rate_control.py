@@ -117,3 +117,25 @@ def test_a_reader_accepts_other_rungs_of_the_pinned_file_only(tiles):
     single = image_codec.encode_batch(tiles[:1], resolve(SINGLE, 2))[0]
     with pytest.raises(ModelNotAvailableError, match="configured for"):
         image_codec.decode_batch([single], resolve(SINGLE, 3))  # another file: refused
+
+
+def test_the_target_is_the_ssim_verify_reports(tiles):
+    """quality_measure keeps the original's statistics between trials; its SSIM must be
+    scikit-image's (as ngff-convert verify computes it) over the non-white pixels."""
+    from skimage.metrics import structural_similarity
+
+    original = tiles[0].copy()
+    original[:, :64, :128] = 255  # glass filled to white, as the converter does
+    decoded = image_codec.decode(image_codec.encode_batch([original], resolve(LADDER, 2))[0])
+    _, full = structural_similarity(decoded, original, channel_axis=0, data_range=255,
+                                    full=True, win_size=7)
+    not_white = (original != 255).any(axis=0)
+    assert tissue_ssim(decoded, original) == pytest.approx(full.mean(0)[not_white].mean(),
+                                                           abs=1e-6)
+
+
+def test_searching_a_batch_in_lockstep_picks_what_one_by_one_picks(tiles):
+    top = resolve(LADDER, qualities(LADDER)[-1])
+    together = [_rung(c) for c in image_codec.encode_batch(tiles, top, target_ssim=0.95)]
+    alone = [_rung(image_codec.encode_batch([t], top, target_ssim=0.95)[0]) for t in tiles]
+    assert together == alone

@@ -149,31 +149,44 @@ def ladder_below(ref: ModelRef) -> list[int]:
     return [q for q in sorted(model.rungs) if q <= ref.quality]
 
 
-def _lowest_rung_reaching(target_ssim: float, image: np.ndarray, y: np.ndarray,
-                          scales: np.ndarray, means: np.ndarray, ref: ModelRef,
-                          ladder: list[int]) -> int:
-    """Binary search for the lowest rung whose decoded chunk has SSIM >= target vs
-    ``image`` (3, H, W), from its latent and h_s output (batches of one); the top of
-    ``ladder`` where none does. Quality rises with the rung (tests/test_quality_ladder.py),
-    so about log2(rungs) trial decodes are run."""
-    from .quality_measure import tissue_ssim
+def _lowest_rungs_reaching(target_ssim: float, images: list[np.ndarray], y: np.ndarray,
+                           scales: np.ndarray, means: np.ndarray, ref: ModelRef,
+                           ladder: list[int]) -> list[int]:
+    """For each image (3, H, W) of a batch, the lowest rung of ``ladder`` whose decoded
+    version has SSIM >= target (the top rung where none does), from the batch's latents
+    and h_s output.
+
+    Quality rises with the rung (tests/test_quality_ladder.py), so each image is a binary
+    search, about log2(rungs) trial decodes. The searches run in lockstep, and the images
+    that try the same rung in a round share one synthesis call (large batches on a GPU).
+    """
+    from .quality_measure import ReferenceSSIM
 
     model = load(ref)
-    height, width = image.shape[1:]
-    chosen, low, high = ladder[-1], 0, len(ladder) - 1
-    while low <= high:
-        middle = (low + high) // 2
-        quality = ladder[middle]
-        gain = model.rungs[quality]
-        _, rung_means = rung_parameters(model, scales, means, gain)
-        y_hat = dequantize_latents(quantize_latents(y, rung_means, gain), rung_means, gain)
-        x_hat = runtime.synthesis(rung_ref(ref, quality), y_hat)[0]
-        decoded = np.clip(np.rint(x_hat[:, :height, :width]), 0, 255).astype(np.uint8)
-        if tissue_ssim(decoded, image) >= target_ssim:
-            chosen, high = quality, middle - 1
-        else:
-            low = middle + 1
-    return chosen
+    references = [ReferenceSSIM(image) for image in images]
+    chosen = [ladder[-1]] * len(images)
+    low, high = [0] * len(images), [len(ladder) - 1] * len(images)
+    while True:
+        trying: dict[int, list[int]] = defaultdict(list)
+        for k in range(len(images)):
+            if low[k] <= high[k]:
+                trying[(low[k] + high[k]) // 2].append(k)
+        if not trying:
+            return chosen
+        for position, members in trying.items():
+            quality = ladder[position]
+            gain = model.rungs[quality]
+            _, rung_means = rung_parameters(model, scales[members], means[members], gain)
+            y_hat = dequantize_latents(quantize_latents(y[members], rung_means, gain),
+                                       rung_means, gain)
+            x_hat = runtime.synthesis(rung_ref(ref, quality), y_hat)
+            for k, decoded in zip(members, x_hat, strict=True):
+                height, width = images[k].shape[1:]
+                pixels = np.clip(np.rint(decoded[:, :height, :width]), 0, 255)
+                if references[k](pixels.astype(np.uint8)) >= target_ssim:
+                    chosen[k], high[k] = quality, position - 1
+                else:
+                    low[k] = position + 1
 
 
 def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
@@ -209,10 +222,9 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
             qualities = [ref.quality] * len(batch)
             if len(ladder) > 1:
                 with timer("rate_control"):
-                    qualities = [_lowest_rung_reaching(
-                        target_ssim, prepared[i][0], y[k : k + 1], scales[k : k + 1],
-                        means[k : k + 1], ref, ladder)
-                        for k, i in enumerate(batch)]
+                    qualities = _lowest_rungs_reaching(
+                        target_ssim, [prepared[i][0] for i in batch], y, scales, means, ref,
+                        ladder)
             with timer("entropy_encode"):
                 for k, i in enumerate(batch):
                     gain = model.rungs.get(qualities[k])
