@@ -67,7 +67,7 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="dlwsi rate control: code each chunk at the lowest quality rung "
                         "(up to --quality, default the model's default rung) whose decoded "
                         "chunk reaches this SSIM over its tissue (non-white) pixels, so easy "
-                        "tissue costs fewer bytes; encoding takes about twice as long. "
+                        "tissue costs fewer bytes; converting takes 1.5-2x as long. "
                         f"Default {DEFAULT_TARGET_SSIM} unless --quality is given alone")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
