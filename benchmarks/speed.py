@@ -218,6 +218,17 @@ def _timed(fn: Callable, *args: object) -> tuple[float, object]:
     return time.perf_counter() - start, result
 
 
+def _time_round_trip(encode: Callable[[list, ModelRef], list], tiles: list[np.ndarray],
+                     ref: ModelRef, batch: int, samples: dict[str, list[float]]
+                     ) -> tuple[list[bytes], list[np.ndarray]]:
+    """One timed encode and decode of every tile, appended to ``samples``."""
+    seconds, chunks = _timed(_in_batches, encode, tiles, ref, batch)
+    samples["encode"].append(seconds)
+    seconds, images = _timed(_in_batches, decode_batch, chunks, ref, batch)
+    samples["decode"].append(seconds)
+    return chunks, images
+
+
 def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int, stat: str
                 ) -> dict:
     pixels = sum(t.shape[1] * t.shape[2] for t in tiles)
@@ -231,10 +242,7 @@ def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
 
     samples: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeat):
-        seconds, chunks = _timed(_in_batches, encode_batch, tiles, ref, batch)
-        samples["encode"].append(seconds)
-        seconds, images = _timed(_in_batches, decode_batch, chunks, ref, batch)
-        samples["decode"].append(seconds)
+        chunks, images = _time_round_trip(encode_batch, tiles, ref, batch, samples)
         seconds, _ = _timed(_in_batches, decode_latents, chunks, ref, batch)
         samples["decode_latents"].append(seconds)
 
@@ -279,10 +287,7 @@ def bench_rate_control(tiles: list[np.ndarray], ref: ModelRef, batch: int, repea
 
     samples: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeat):
-        seconds, chunks = _timed(_in_batches, encode, tiles, ref, batch)
-        samples["encode"].append(seconds)
-        seconds, images = _timed(_in_batches, decode_batch, chunks, ref, batch)
-        samples["decode"].append(seconds)
+        chunks, images = _time_round_trip(encode, tiles, ref, batch, samples)
     seconds = {name: summarize(values, stat) for name, values in samples.items()}
     rungs = [unpack(chunk)[0].quality for chunk in chunks]
     return {
