@@ -23,7 +23,7 @@ class Dlwsi(Codec):
         SHA-256 of the weights; filled in automatically and stored in array metadata.
     target_ssim : float, optional
         Rate control: code each chunk at the lowest rung, up to ``quality``, whose
-        decoded chunk reaches this SSIM over its non-white pixels. Needs scikit-image to
+        decoded chunk reaches this SSIM over its non-white pixels. Needs SciPy to
         encode; decoding needs nothing more.
     """
 
