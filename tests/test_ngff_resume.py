@@ -85,4 +85,5 @@ def test_resume_with_other_settings_is_refused(slides, tmp_path):
     bad = subprocess.run(cli(*args, "--resume", "--glass", "keep"), capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "different settings" in bad.stderr
+    assert "glass was 'fill', now 'keep'" in bad.stderr  # says which option differs
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -156,12 +156,12 @@ def convert(source: str, target: str, options: Options,
     if resuming:
         group = zarr.open_group(out.store, mode="r+")
         old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
-        different = [k for k in ("codec", "codec_config", "ngff", "glass", "chunk", "shard",
-                                 "mask", "source", "source_bytes")
-                     if _jsonable(old.get(k)) != _jsonable(settings[k])]
+        different = _changed_settings(
+            {k: _jsonable(old.get(k)) for k in RESUME_SETTINGS},
+            {k: _jsonable(settings[k]) for k in RESUME_SETTINGS})
         if different:
             raise ConvertError(f"{out.url}: --resume with different settings than the "
-                               f"interrupted run ({', '.join(different)})")
+                               f"interrupted run: {'; '.join(different)}")
         # a run killed while it was creating the level arrays left only some of them
         arrays = [_level_or_create(group, name, shape, options, zarr_format, codecs)
                   for name, shape in zip(names, shapes, strict=True)]
@@ -556,6 +556,29 @@ def _source_bytes(path: str) -> int:
     if p.suffix.lower() == ".mrxs" and companion.is_dir():
         total += sum(f.stat().st_size for f in companion.rglob("*") if f.is_file())
     return total
+
+
+#: What an interrupted conversion and its --resume must agree on.
+RESUME_SETTINGS = ("codec", "codec_config", "ngff", "glass", "chunk", "shard", "mask",
+                   "source", "source_bytes")
+
+
+def _changed_settings(old: Any, new: Any, name: str = "") -> list[str]:
+    """``"name was X, now Y"`` for each (nested, dotted) setting that differs, so the
+    user sees which option to give (a run started before dlwsi's rate control became the
+    default resumes with ``--quality``, for example)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for key in sorted(set(old) | set(new), key=str)
+                for change in _changed_settings(old.get(key), new.get(key),
+                                                f"{name}.{key}" if name else str(key))]
+    if old == new:
+        return []
+    return [f"{name} was {_short(old)}, now {_short(new)}"]
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = "unset" if value is None else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _jsonable(value: Any) -> Any:
