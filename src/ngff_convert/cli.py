@@ -217,15 +217,24 @@ def _run_verify(args: argparse.Namespace) -> int:
     else:
         print(f"{d['store']} vs {d['source']}")
         print(f"{'level':>5} {'shape (c,y,x)':>20} {'tissue':>7} {'PSNR tis.':>10} "
-              f"{'SSIM tis.':>10} {'PSNR all':>9} {'SSIM all':>9} {'stored':>12}")
+              f"{'SSIM tis.':>10} {'worst blk':>9} {'PSNR all':>9} {'SSIM all':>9} "
+              f"{'stored':>12}")
         for lv in d["levels"]:
             pt = "-" if lv["psnr_tissue"] is None else f"{lv['psnr_tissue']:.2f}"
             st = "-" if lv["ssim_tissue"] is None else f"{lv['ssim_tissue']:.4f}"
+            worst = lv["worst_block"]
+            wt = "-" if worst is None else f"{worst['ssim_tissue']:.4f}"
             print(f"{lv['path']:>5} {str(tuple(lv['shape'])):>20} "
-                  f"{lv['tissue_fraction']:>7.0%} {pt:>10} {st:>10} {lv['psnr_all']:>9.2f} "
-                  f"{lv['ssim_all']:>9.4f} {_mib(lv['stored_bytes']):>12}")
+                  f"{lv['tissue_fraction']:>7.0%} {pt:>10} {st:>10} {wt:>9} "
+                  f"{lv['psnr_all']:>9.2f} {lv['ssim_all']:>9.4f} "
+                  f"{_mib(lv['stored_bytes']):>12}")
         print(f"stored {_mib(d['stored_bytes'])} vs source file {_mib(d['source_bytes'])} "
               f"({d['stored_bytes'] / d['source_bytes']:.1%} of it)")
+        worst = d["levels"][0]["worst_block"]
+        if worst is not None:
+            print(f"worst block: level 0, {worst['size']}x{worst['size']} at x={worst['x']} "
+                  f"y={worst['y']}, tissue SSIM {worst['ssim_tissue']:.4f} "
+                  f"(lowest of {worst['blocks_measured']} blocks at least a quarter tissue)")
     if args.min_ssim is not None:
         level0 = d["levels"][0]
         ssim = level0["ssim_tissue"] if level0["ssim_tissue"] is not None else level0["ssim_all"]

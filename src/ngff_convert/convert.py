@@ -441,7 +441,9 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
 
     The reference for level k is the source's level 0 halved k times with the same 2x2
     mean (glass untouched). ``*_tissue`` numbers cover the tissue mask only (the codec's
-    fidelity); ``*_all`` cover every pixel, glass changes included.
+    fidelity); ``*_all`` cover every pixel, glass changes included. ``worst_block`` is the
+    512² block (in that level's pixels) with the lowest tissue SSIM, among those at least
+    a quarter tissue: a mean can hide one badly coded region.
     """
     from skimage.metrics import structural_similarity  # noqa: F401 - fail early if absent
 
@@ -469,10 +471,11 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
                                f"source gives {shapes[k] if k < len(shapes) else 'none'}")
         stored = da.from_zarr(arr).rechunk((3, layout.block, layout.block))
         ref = reference[k]
-        nby, nbx = len(ref.chunks[1]), len(ref.chunks[2])
+        tile = layout.chunk
         stats = da.map_blocks(_compare_block, stored, ref, tissue=dask.delayed(tissue, pure=True),
-                              step=2**k, dtype=np.float64,
-                              chunks=((1,), (1,) * nby, (6,) * nbx))
+                              step=2**k, tile=tile, dtype=np.float64,
+                              chunks=((1,), tuple(-(-n // tile) for n in ref.chunks[1]),
+                                      tuple(6 * -(-n // tile) for n in ref.chunks[2])))
         tasks.append(stats)
     if options.progress:
         from tqdm.dask import TqdmCallback
@@ -482,7 +485,8 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
     else:
         results = dask.compute(*tasks, num_workers=options.workers or os.cpu_count())
     for path, result in zip(paths, results, strict=True):
-        s = result.reshape(-1, 6).sum(axis=0)
+        blocks = result.reshape(result.shape[1], -1, 6)
+        s = blocks.reshape(-1, 6).sum(axis=0)
         stored_bytes, _ = out.size(path)
         arr = group[path]
         rows.append({
@@ -492,16 +496,36 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
             "ssim_tissue": float(s[5] / s[4]) if s[4] else None,
             "tissue_fraction": float(s[4] / max(s[1], 1)),
             "stored_bytes": stored_bytes, "raw_bytes": int(np.prod(arr.shape)),
+            "worst_block": _worst_block(blocks, layout.chunk),
         })
     stored_total, _ = out.size()
     return {"store": out.url, "source": source, "ngff": version, "levels": rows,
             "stored_bytes": stored_total, "source_bytes": _source_bytes(slide.path)}
 
 
+#: a block's own SSIM is reported only where tissue covers this share of it: a sliver of
+#: tissue at the edge of glass is too few pixels for a meaningful score
+WORST_BLOCK_MIN_TISSUE = 0.25
+
+
+def _worst_block(blocks: np.ndarray, block: int) -> dict[str, Any] | None:
+    """The block (``block``² pixels of one level) with the lowest tissue SSIM, among those
+    mostly tissue: where the eye should look first. ``blocks``: (rows, cols, 6) sums."""
+    n_tissue, n_all = blocks[..., 4], blocks[..., 1]
+    measured = (n_tissue >= WORST_BLOCK_MIN_TISSUE * n_all) & (n_tissue > 0)
+    if not measured.any():
+        return None
+    ssim = np.where(measured, blocks[..., 5] / np.maximum(n_tissue, 1), np.inf)
+    row, col = np.unravel_index(int(np.argmin(ssim)), ssim.shape)
+    return {"ssim_tissue": float(ssim[row, col]), "y": int(row * block),
+            "x": int(col * block), "size": block, "blocks_measured": int(measured.sum())}
+
+
 def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step: int,
-                   block_info: dict | None = None) -> np.ndarray:
-    """[sq.err all, n all, ssim sum all, sq.err tissue, n tissue, ssim sum tissue] (per
-    pixel, channels averaged), SSIM computed in 512-pixel tiles to bound memory."""
+                   tile: int, block_info: dict | None = None) -> np.ndarray:
+    """Per ``tile``² tile of the block: [sq.err all, n all, ssim sum all, sq.err tissue,
+    n tissue, ssim sum tissue] (per pixel, channels averaged), as (1, rows, 6 * cols).
+    SSIM is computed tile by tile, which also bounds memory."""
     from skimage.metrics import structural_similarity
 
     assert block_info is not None
@@ -512,23 +536,23 @@ def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step
     cols = np.minimum((np.arange(x0, x0 + w) * step) // d, tissue.mask.shape[1] - 1)
     in_tissue = tissue.mask[np.ix_(rows, cols)]
     err = ((stored.astype(np.float32) - ref.astype(np.float32)) ** 2).mean(axis=0)
-    ssim = np.empty((h, w), np.float32)
-    tile = 512
+    out = np.zeros((1, -(-h // tile), -(-w // tile), 6), np.float64)
     for ty in range(0, h, tile):
         for tx in range(0, w, tile):
             a = stored[:, ty:ty + tile, tx:tx + tile]
             b = ref[:, ty:ty + tile, tx:tx + tile]
             win = min(7, *a.shape[1:])
             if win < 3:
-                ssim[ty:ty + tile, tx:tx + tile] = 1.0 if np.array_equal(a, b) else 0.0
-                continue
-            win -= 1 - win % 2  # odd
-            _, full = structural_similarity(a, b, channel_axis=0, data_range=255, full=True,
-                                            win_size=win)
-            ssim[ty:ty + tile, tx:tx + tile] = full.mean(axis=0)
-    out = np.array([err.sum(), err.size, ssim.sum(), err[in_tissue].sum(), in_tissue.sum(),
-                    ssim[in_tissue].sum()], np.float64)
-    return out.reshape(1, 1, 6)
+                ssim = np.full(a.shape[1:], 1.0 if np.array_equal(a, b) else 0.0, np.float32)
+            else:
+                win -= 1 - win % 2  # odd
+                _, full = structural_similarity(a, b, channel_axis=0, data_range=255,
+                                                full=True, win_size=win)
+                ssim = full.mean(axis=0)
+            e, t = err[ty:ty + tile, tx:tx + tile], in_tissue[ty:ty + tile, tx:tx + tile]
+            out[0, ty // tile, tx // tile] = [e.sum(), e.size, ssim.sum(), e[t].sum(), t.sum(),
+                                              ssim[t].sum()]
+    return out.reshape(1, out.shape[1], -1)
 
 
 def _psnr(sq_err_sum: float, n: float) -> float:
