@@ -10,6 +10,8 @@ the curves are close to straight.
 
     python benchmarks/rd.py --json docs/rd.json --plot docs/rd.png
     python benchmarks/rd.py --model he-mshl-v1 --model he-mshl-v2   # compare families
+    python benchmarks/rd.py --source-jpeg 30 --json docs/rd_source_jpeg30.json
+                       # tiles as a JPEG-30 scanner stored them (CMU-1), the source to match
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
             (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
         scores.append(s[5:-5, 5:-5].mean())
     return float(np.mean(scores))
+
+
+def as_scanned(tile: np.ndarray, quality: int) -> np.ndarray:
+    """(3, H, W) uint8 after a JPEG round trip at ``quality``, 4:2:0, as scanners store tiles."""
+    pixels = np.ascontiguousarray(tile.transpose(1, 2, 0))
+    encoded = imagecodecs.jpeg_encode(pixels, level=quality, subsampling="420")
+    return imagecodecs.jpeg_decode(encoded).transpose(2, 0, 1)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -181,7 +190,9 @@ def _dlwsi_curve(tiles: np.ndarray, model: str) -> list[dict]:
 
 
 def _print_report(results: dict) -> None:
-    print(f"{results['tiles']} held-out H&E tiles of 256x256 ({results['machine']})")
+    source = ("" if results.get("source_jpeg") is None
+              else f", stored first as JPEG quality {results['source_jpeg']} (the source)")
+    print(f"{results['tiles']} held-out H&E tiles of 256x256{source} ({results['machine']})")
     print(f"{'codec':<22}{'bpp':>7}{'PSNR':>8}{'SSIM':>8}")
     for name, points in {**results["dlwsi"], **results["baselines"]}.items():
         for p in points:
@@ -226,14 +237,24 @@ def main() -> int:
     parser.add_argument("--baselines-from", type=Path, metavar="JSON",
                         help="reuse the baseline curves of an earlier --json run on the same "
                              "tiles (to screen a candidate model quickly; publish full runs)")
+    parser.add_argument("--source-jpeg", type=int, metavar="Q",
+                        help="first store every tile as a scanner would, JPEG quality Q with "
+                             "4:2:0 chroma (CMU-1's scanner: 30), and measure every codec "
+                             "against those pixels, as ngff-convert verify measures a slide "
+                             "against its source file")
     args = parser.parse_args()
+    if args.source_jpeg is not None and not 1 <= args.source_jpeg <= 100:
+        parser.error("--source-jpeg must be a JPEG quality, 1-100")
     root = args.data or default_data_root()
     if not (root / "he").is_dir():
         print(f"rd: no H&E data at {root}", file=sys.stderr)
         return 2
     tiles = validation_tiles(root, size=256, per_image=args.per_image)
+    if args.source_jpeg is not None:
+        tiles = np.stack([as_scanned(tile, args.source_jpeg) for tile in tiles])
     started = time.time()
-    results: dict = {"tiles": int(len(tiles)), "dlwsi": {}, "baselines": {}, "bd_rate": {},
+    results: dict = {"tiles": int(len(tiles)), "source_jpeg": args.source_jpeg, "dlwsi": {},
+                     "baselines": {}, "bd_rate": {},
                      "machine": platform.processor() or platform.machine()}
     for model in args.model or [default_model()]:
         results["dlwsi"][model] = _dlwsi_curve(tiles, model)
@@ -245,6 +266,11 @@ def main() -> int:
         if earlier["tiles"] != len(tiles):
             print(f"rd: {args.baselines_from} measured {earlier['tiles']} tiles, this run has "
                   f"{len(tiles)} (--per-image must match)", file=sys.stderr)
+            return 2
+        if earlier.get("source_jpeg") != args.source_jpeg:
+            print(f"rd: {args.baselines_from} was measured with --source-jpeg "
+                  f"{earlier.get('source_jpeg')}, this run with {args.source_jpeg}",
+                  file=sys.stderr)
             return 2
         results["baselines"] = earlier["baselines"]
         results["baselines_from"] = str(args.baselines_from)

@@ -1,0 +1,137 @@
+"""Whole slides at matched quality: store size vs SSIM curves per codec, with BD-rates.
+
+``slides.py`` compares each codec at its default setting, where the codecs land at
+different qualities (JPEG-XL's default is far above dlwsi's on CMU-1), so its sizes do
+not say which codec stores a slide smaller *at the same quality*. This sweeps each
+codec's setting through the real converter (``ngff-convert``, one process per run), runs
+``ngff-convert verify`` on each store, and reports BD-rate (Bjontegaard, as in
+``rd.py``) of the whole store's bytes against level-0 tissue SSIM (in dB) and PSNR, per
+slide, vs JPEG, JPEG-XL and AVIF. Stores are written with one glass mode (``fill``, the
+converter's default) so every codec stores the same pixels.
+
+dlwsi is swept twice: over its fixed rungs (``--quality Q``) and over rate-control
+targets (``--target-ssim S``, the converter's default mode, up to the model's default
+rung).
+
+    python benchmarks/slides_rd.py --json docs/slides_rd.json
+    python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
+
+Long on CPU: every point is a full conversion plus a verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rd import bd_rate  # noqa: E402
+from slides import SLIDES, cli, run_measured  # noqa: E402
+
+#: curve name -> (converter arguments for each point)
+SWEEPS: dict[str, list[list[str]]] = {
+    "jpeg": [["--codec", "jpeg", "--quality", q] for q in ("50", "65", "80", "90", "95")],
+    "jpegxl": [["--codec", "jpegxl", "--quality", q] for q in ("40", "55", "70", "80", "90")],
+    "avif": [["--codec", "avif", "--quality", q] for q in ("30", "45", "60", "70", "80")],
+    "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("3", "4", "5", "6", "7")],
+    "dlwsi-rc": [["--codec", "dlwsi", "--target-ssim", s]
+                 for s in ("0.93", "0.94", "0.95", "0.96", "0.97")],
+}
+REFERENCES = ("jpeg", "jpegxl", "avif")
+DEFAULT_SLIDES = ["aperio/CMU-1-Small-Region.svs", "aperio/TCGA-CR-7395-01A-01-TS1.svs"]
+
+
+def point(src: Path, store: Path, args: list[str], workers: int | None) -> dict | None:
+    """Convert ``src`` with ``args`` and verify it: size, level-0 tissue SSIM and PSNR."""
+    command = [src, store, *args, "--overwrite", "--no-progress"]
+    if workers:
+        command += ["--workers", workers]
+    conv, seconds, _ = run_measured(cli(*command))
+    if conv.returncode != 0:
+        print(f"# {src.name} {' '.join(args)}: {conv.stderr.strip()}", file=sys.stderr)
+        return None
+    report = json.loads(subprocess.run(cli("verify", src, store, "--json", "--no-progress"),
+                                       check=True, capture_output=True, text=True).stdout)
+    level0 = report["levels"][0]
+    return {"setting": " ".join(args[2:]), "stored_bytes": report["stored_bytes"],
+            "source_bytes": report["source_bytes"], "ssim": level0["ssim_tissue"],
+            "psnr": level0["psnr_tissue"], "seconds": seconds,
+            # bd_rate works on log(rate); any rate proportional to the store's bytes will do
+            "bpp": report["stored_bytes"] * 8 / (level0["shape"][1] * level0["shape"][2])}
+
+
+def sweep(slides: list[str], curves: list[str], workers: int | None, workdir: Path
+          ) -> dict[str, dict[str, list[dict]]]:
+    results: dict[str, dict[str, list[dict]]] = {}
+    for rel in slides:
+        src = SLIDES / rel
+        results[rel] = {}
+        for curve in curves:
+            points = []
+            for i, args in enumerate(SWEEPS[curve]):
+                row = point(src, workdir / f"{Path(rel).stem}-{curve}-{i}.zarr", args, workers)
+                if row is not None:
+                    points.append(row)
+                    print(f"# {Path(rel).name} {curve} {row['setting']}: "
+                          f"{row['stored_bytes'] / 2**20:.3f} MiB, SSIM {row['ssim']:.4f}, "
+                          f"PSNR {row['psnr']:.2f} dB", file=sys.stderr, flush=True)
+            results[rel][curve] = points
+    return results
+
+
+def report(results: dict[str, dict[str, list[dict]]]) -> str:
+    lines = []
+    for rel, curves in results.items():
+        lines.append(f"{Path(rel).name}")
+        lines.append(f"  {'curve':<9} {'setting':<18} {'MiB':>7} {'vs source':>9} "
+                     f"{'SSIM tis.':>9} {'PSNR tis.':>9}")
+        for curve, points in curves.items():
+            for p in points:
+                lines.append(f"  {curve:<9} {p['setting']:<18} {p['stored_bytes'] / 2**20:>7.3f} "
+                             f"{1 - p['stored_bytes'] / p['source_bytes']:>+9.0%} "
+                             f"{p['ssim']:>9.4f} {p['psnr']:>9.2f}")
+        lines.append("  BD-rate of store bytes (negative = smaller at equal quality), "
+                     "SSIM / PSNR:")
+        for curve, points in curves.items():
+            cells = []
+            for ref in REFERENCES:
+                if ref == curve or ref not in curves:
+                    continue
+                by = [bd_rate(points, curves[ref], metric) for metric in ("ssim", "psnr")]
+                cells.append(f"vs {ref} " + " / ".join("n/a" if v is None else f"{v:+.1f}%"
+                                                        for v in by))
+            lines.append(f"  {curve:<9} " + ", ".join(cells))
+        lines.append("")
+    lines.append("n/a: the two curves share no quality range. SSIM/PSNR: level 0, tissue "
+                 "pixels, vs the source (ngff-convert verify).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--slides", nargs="+", default=DEFAULT_SLIDES,
+                   help="paths relative to ../shared/data/slides")
+    p.add_argument("--curves", nargs="+", default=list(SWEEPS), choices=list(SWEEPS))
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the stores go (default: a temporary folder, removed)")
+    p.add_argument("--json", type=Path, default=None, help="also write the points as JSON")
+    args = p.parse_args()
+    if not SLIDES.is_dir():
+        sys.exit(f"slides not found at {SLIDES}")
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        results = sweep(args.slides, args.curves, args.workers, workdir)
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
