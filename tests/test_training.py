@@ -95,7 +95,8 @@ def test_a_data_pack_trains_with_bf16_and_the_run_goes_on(tmp_path, data_root):
     assert loaded.val.shape == (1, 3, 256, 256)
 
     run = tmp_path / "run"
-    config = TrainConfig(lmbda=0.01, steps=1, batch=2, crop=64, N=16, M=24, last=8)
+    config = TrainConfig(lmbda=0.01, steps=1, batch=2, crop=64, N=16, M=24, last=8,
+                         jpeg_recompress=[30, 90])
     train(run, config, log_every=1, val_every=10, data_pack=pack, amp="bf16", minutes=5)
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert all(t.device.type == "cpu" for t in state["model"].values())
@@ -110,6 +111,36 @@ def test_a_data_pack_trains_with_bf16_and_the_run_goes_on(tmp_path, data_root):
     assert np.isfinite(log[-1]["val_bpp"])  # stopping early validates and saves
     assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
     assert json.loads((run / "config.json").read_text())["crop"] == 128
+
+
+def test_jpeg_recompression_gives_a_share_of_crops_their_jpeg_round_trip(he_image):
+    import imagecodecs
+
+    from numcodecs_dlwsi.train.data import JpegRecompression
+
+    crops = np.stack([np.rot90(he_image[:128, :128], k).transpose(2, 0, 1) for k in range(4)]
+                     * 16)
+    out = JpegRecompression(30, 30, share=0.5).apply(crops.copy(), np.random.default_rng(0))
+    changed = [not np.array_equal(a, b) for a, b in zip(crops, out, strict=True)]
+    assert 16 < sum(changed) < 48
+    for original, recompressed in zip(crops, out, strict=True):
+        pixels = np.ascontiguousarray(original.transpose(1, 2, 0))
+        round_trips = [imagecodecs.jpeg_decode(imagecodecs.jpeg_encode(
+            pixels, level=30, subsampling=s)).transpose(2, 0, 1) for s in ("420", "444")]
+        assert any(np.array_equal(recompressed, r) for r in [original, *round_trips])
+    again = JpegRecompression(30, 30, share=0.5).apply(crops.copy(), np.random.default_rng(0))
+    assert np.array_equal(out, again)  # seeded: a resumed run draws what it would have
+    for low, high, share in ((0, 50, 0.5), (60, 40, 0.5), (30, 90, 0.0)):
+        with pytest.raises(ValueError, match="JPEG"):
+            JpegRecompression(low, high, share)
+
+
+def test_jpeg_recompress_option_refuses_a_reversed_range(capsys):
+    from numcodecs_dlwsi.train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "run", "--jpeg-recompress", "90-30"])
+    assert "1 <= LOW <= HIGH <= 100" in capsys.readouterr().err
 
 
 def test_torch_crop_sampler_draws_windows_in_all_eight_symmetries():

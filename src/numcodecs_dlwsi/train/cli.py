@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="tune the decoder side of --init for a quality ladder: only the "
                             "hyper-synthesis and synthesis train, each crop coded at one of "
                             "these latent gains (new runs; export with the same --gains)")
+    train.add_argument("--jpeg-recompress", type=_quality_range, metavar="LOW-HIGH",
+                       help="re-encode half the training crops as JPEG at a random quality "
+                            "in this range (e.g. 30-90), as scanners store the slides the "
+                            "converter reads (new runs)")
     train.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
     train.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all)")
     train.add_argument("--device", default="cpu", help="torch device: cpu (default) or cuda")
@@ -109,6 +113,19 @@ def _gains(text: str) -> list[float]:
                                          ) from None
 
 
+def _quality_range(text: str) -> list[int]:
+    low, sep, high = text.partition("-")
+    try:
+        qualities = [int(low), int(high if sep else low)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a JPEG quality range LOW-HIGH: {text!r}"
+                                         ) from None
+    if not 1 <= qualities[0] <= qualities[1] <= 100:
+        raise argparse.ArgumentTypeError(f"JPEG qualities must be 1 <= LOW <= HIGH <= 100: "
+                                         f"{text!r}")
+    return qualities
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "pack":
@@ -139,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                              analysis=args.analysis_width,
                              ssim_weight=args.ssim_weight,
                              init=str(args.init) if args.init else None,
-                             ladder_gains=args.ladder_gains)
+                             ladder_gains=args.ladder_gains,
+                             jpeg_recompress=args.jpeg_recompress)
         train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,
               minutes=args.minutes, data_pack=args.data_pack, overrides=overrides)
         return 0

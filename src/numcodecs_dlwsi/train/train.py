@@ -23,7 +23,13 @@ import numpy as np
 import torch
 from pytorch_msssim import ssim
 
-from .data import CropSampler, default_data_root, load_training_images, validation_tiles
+from .data import (
+    CropSampler,
+    JpegRecompression,
+    default_data_root,
+    load_training_images,
+    validation_tiles,
+)
 from .model import LiteMeanScaleHyperprior, widen_state
 from .pack import TorchCropSampler, load_pack
 
@@ -58,6 +64,9 @@ class TrainConfig:
     # (h_s and g_s; g_a, h_a and the hyper-latent prior stay as --init has them, so the
     # latents do not move), each crop coded at one of these gains, as exported rungs are.
     ladder_gains: list[float] | None = None
+    # [low, high]: half the crops re-encoded as JPEG at a quality in that range, as the
+    # slides the converter reads were (data.JpegRecompression)
+    jpeg_recompress: list[int] | None = None
 
 
 def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: float,
@@ -233,6 +242,13 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         # TF32 convolutions keep only 10 mantissa bits, too few for the entropy model
         torch.backends.cudnn.allow_tf32 = False
 
+    recompression = (JpegRecompression(*config.jpeg_recompress)
+                     if config.jpeg_recompress else None)
+    recompression_rng = np.random.default_rng(config.seed + step + 1)
+
+    def as_sources(crops: np.ndarray) -> np.ndarray:
+        return crops if recompression is None else recompression.apply(crops, recompression_rng)
+
     if data_pack is not None:
         pack = load_pack(data_pack)
         torch_sampler = TorchCropSampler(pack.regions, config.crop, seed=config.seed + step,
@@ -244,7 +260,11 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
             packs = [*packs, record]
 
         def next_batch() -> torch.Tensor:
-            return torch_sampler.batch(config.batch)
+            x = torch_sampler.batch(config.batch)
+            if recompression is None:
+                return x
+            crops = x.mul(255.0).round_().to(torch.uint8).cpu().numpy()
+            return torch.from_numpy(as_sources(crops)).to(dev).float().div_(255.0)
     else:
         root = data_root or default_data_root()
         sampler = CropSampler(load_training_images(root), config.crop,
@@ -252,7 +272,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
         val = validation_tiles(root, size=256, per_image=4)
 
         def next_batch() -> torch.Tensor:
-            x = torch.from_numpy(sampler.batch(config.batch)).float() / 255.0
+            x = torch.from_numpy(as_sources(sampler.batch(config.batch))).float() / 255.0
             return x.to(dev, non_blocking=True)
 
     extra = {}  # logged only where they differ from a plain CPU run
