@@ -11,7 +11,8 @@ the curves are close to straight.
     python benchmarks/rd.py --json docs/rd.json --plot docs/rd.png
     python benchmarks/rd.py --model he-mshl-v1 --model he-mshl-v2   # compare families
     python benchmarks/rd.py --source-jpeg 30 --json docs/rd_source_jpeg30.json
-                       # tiles as a JPEG-30 scanner stored them (CMU-1), the source to match
+                       # tiles as a JPEG-30 scanner stored them, the source to match
+    python benchmarks/rd.py --source-jpeg 30 --source-layout rgb   # as Aperio does (CMU-1)
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ from scipy.ndimage import gaussian_filter
 
 from numcodecs_dlwsi import image_codec
 from numcodecs_dlwsi.model_store import default_model, qualities, resolve
-from numcodecs_dlwsi.train.data import default_data_root, validation_tiles
+from numcodecs_dlwsi.train.data import (
+    JPEG_LAYOUTS,
+    default_data_root,
+    jpeg_round_trip,
+    validation_tiles,
+)
 
 Encoder = Callable[[np.ndarray], bytes]
 Decoder = Callable[[bytes], np.ndarray]
@@ -53,13 +59,6 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
             (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
         scores.append(s[5:-5, 5:-5].mean())
     return float(np.mean(scores))
-
-
-def as_scanned(tile: np.ndarray, quality: int) -> np.ndarray:
-    """(3, H, W) uint8 after a JPEG round trip at ``quality``, 4:2:0, as scanners store tiles."""
-    pixels = np.ascontiguousarray(tile.transpose(1, 2, 0))
-    encoded = imagecodecs.jpeg_encode(pixels, level=quality, subsampling="420")
-    return imagecodecs.jpeg_decode(encoded).transpose(2, 0, 1)
 
 
 def mse(a: np.ndarray, b: np.ndarray) -> float:
@@ -191,7 +190,7 @@ def _dlwsi_curve(tiles: np.ndarray, model: str) -> list[dict]:
 
 def _print_report(results: dict) -> None:
     source = ("" if results.get("source_jpeg") is None
-              else f", stored first as JPEG quality {results['source_jpeg']} (the source)")
+              else f", stored first as JPEG {results['source_jpeg']} (the source)")
     print(f"{results['tiles']} held-out H&E tiles of 256x256{source} ({results['machine']})")
     print(f"{'codec':<22}{'bpp':>7}{'PSNR':>8}{'SSIM':>8}")
     for name, points in {**results["dlwsi"], **results["baselines"]}.items():
@@ -242,6 +241,10 @@ def main() -> int:
                              "4:2:0 chroma (CMU-1's scanner: 30), and measure every codec "
                              "against those pixels, as ngff-convert verify measures a slide "
                              "against its source file")
+    parser.add_argument("--source-layout", choices=list(JPEG_LAYOUTS), default="ycbcr420",
+                        help="the scanner's JPEG layout for --source-jpeg: YCbCr 4:2:0 "
+                             "(most scanners) or RGB, each channel coded on its own (Aperio; "
+                             "CMU-1)")
     args = parser.parse_args()
     if args.source_jpeg is not None and not 1 <= args.source_jpeg <= 100:
         parser.error("--source-jpeg must be a JPEG quality, 1-100")
@@ -251,9 +254,14 @@ def main() -> int:
         return 2
     tiles = validation_tiles(root, size=256, per_image=args.per_image)
     if args.source_jpeg is not None:
-        tiles = np.stack([as_scanned(tile, args.source_jpeg) for tile in tiles])
+        tiles = np.stack([jpeg_round_trip(np.ascontiguousarray(tile.transpose(1, 2, 0)),
+                                          args.source_jpeg, args.source_layout).transpose(2, 0, 1)
+                          for tile in tiles])
     started = time.time()
-    results: dict = {"tiles": int(len(tiles)), "source_jpeg": args.source_jpeg, "dlwsi": {},
+    source = (None if args.source_jpeg is None
+              else args.source_jpeg if args.source_layout == "ycbcr420"
+              else f"{args.source_jpeg} {args.source_layout}")
+    results: dict = {"tiles": int(len(tiles)), "source_jpeg": source, "dlwsi": {},
                      "baselines": {}, "bd_rate": {},
                      "machine": platform.processor() or platform.machine()}
     for model in args.model or [default_model()]:
@@ -267,10 +275,9 @@ def main() -> int:
             print(f"rd: {args.baselines_from} measured {earlier['tiles']} tiles, this run has "
                   f"{len(tiles)} (--per-image must match)", file=sys.stderr)
             return 2
-        if earlier.get("source_jpeg") != args.source_jpeg:
-            print(f"rd: {args.baselines_from} was measured with --source-jpeg "
-                  f"{earlier.get('source_jpeg')}, this run with {args.source_jpeg}",
-                  file=sys.stderr)
+        if earlier.get("source_jpeg") != source:
+            print(f"rd: {args.baselines_from} was measured with source JPEG "
+                  f"{earlier.get('source_jpeg')}, this run with {source}", file=sys.stderr)
             return 2
         results["baselines"] = earlier["baselines"]
         results["baselines_from"] = str(args.baselines_from)

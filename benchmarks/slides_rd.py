@@ -15,6 +15,8 @@ rung).
 
     python benchmarks/slides_rd.py --json docs/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
+    DLWSI_WEIGHTS=/tmp/candidate python benchmarks/slides_rd.py --curves dlwsi \
+        --baselines-from docs/slides_rd.json        # screen a candidate (its own default)
 
 Long on CPU: every point is a full conversion plus a verify.
 """
@@ -121,13 +123,22 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the stores go (default: a temporary folder, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the points as JSON")
+    p.add_argument("--baselines-from", type=Path, metavar="JSON",
+                   help="take the curves this run does not sweep from an earlier --json run "
+                        "(to screen a candidate model: --curves dlwsi)")
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
+    earlier = json.loads(args.baselines_from.read_text()) if args.baselines_from else {}
+    if missing := [rel for rel in args.slides if earlier and rel not in earlier]:
+        sys.exit(f"{args.baselines_from} has no curves for {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         results = sweep(args.slides, args.curves, args.workers, workdir)
+    for rel, curves in results.items():
+        results[rel] = {**{name: points for name, points in earlier.get(rel, {}).items()
+                           if name not in curves}, **curves}
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

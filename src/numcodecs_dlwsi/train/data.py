@@ -134,14 +134,35 @@ class CropSampler:
             yield self.batch(16)
 
 
+#: how scanners lay out JPEG tiles, and the share of recompressed crops given each
+JPEG_LAYOUTS: dict[str, float] = {"rgb": 0.4, "ycbcr420": 0.45, "ycbcr444": 0.15}
+
+
+def jpeg_round_trip(pixels: np.ndarray, quality: int, layout: str) -> np.ndarray:
+    """(H, W, 3) uint8 after JPEG at ``quality`` in one of :data:`JPEG_LAYOUTS`."""
+    import imagecodecs
+
+    if layout == "rgb":  # no colour transform: each channel is coded on its own
+        encoded = imagecodecs.jpeg_encode(pixels, level=quality, colorspace="RGB",
+                                          outcolorspace="RGB")
+        return imagecodecs.jpeg_decode(encoded, colorspace="RGB", outcolorspace="RGB")
+    if layout not in ("ycbcr420", "ycbcr444"):
+        raise ValueError(f"unknown JPEG layout {layout!r}: one of {', '.join(JPEG_LAYOUTS)}")
+    encoded = imagecodecs.jpeg_encode(pixels, level=quality, subsampling=layout[-3:])
+    return imagecodecs.jpeg_decode(encoded)
+
+
 @dataclass(frozen=True)
 class JpegRecompression:
     """Re-encode a share of training crops as JPEG at a random quality, in place.
 
-    Slides reach the converter as decoded JPEG (CMU-1: quality 30, 4:2:0 chroma), and the
-    codec is judged against those pixels, block edges and ringing included, which clean
-    training images never show the network. Each crop's block grid starts at its corner,
-    as the source's does at every chunk's corner (tiles and chunks are multiples of 8).
+    Slides reach the converter as decoded JPEG, and the codec is judged against those
+    pixels, block edges and ringing included, which clean training images never show the
+    network. Aperio scanners store JPEG in RGB, each channel coded on its own (CMU-1: RGB
+    at quality 30; OpenSlide decodes it so), other scanners as YCbCr, mostly 4:2:0: the
+    colour spaces are drawn in :data:`JPEG_LAYOUTS`'s proportions. Each crop's block grid
+    starts at its corner, as the source's does at every chunk's corner (tiles and chunks
+    are multiples of 16).
     """
 
     low: int
@@ -157,20 +178,17 @@ class JpegRecompression:
 
     def apply(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """uint8 (N, 3, H, W): the chosen crops are replaced by their JPEG round trip."""
-        import imagecodecs
-
         chosen = np.flatnonzero(rng.random(len(crops)) < self.share)
         qualities = rng.integers(self.low, self.high + 1, size=len(chosen))
-        # scanners mostly store 4:2:0 chroma
-        subsamplings = np.where(rng.random(len(chosen)) < 0.75, "420", "444")
+        names, shares = zip(*JPEG_LAYOUTS.items(), strict=True)
+        layouts = rng.choice(len(names), size=len(chosen), p=shares)
 
-        def round_trip(job: tuple[int, int, str]) -> None:
-            i, quality, subsampling = job
+        def round_trip(job: tuple[int, int, int]) -> None:
+            i, quality, layout = job
             pixels = np.ascontiguousarray(crops[i].transpose(1, 2, 0))
-            encoded = imagecodecs.jpeg_encode(pixels, level=quality, subsampling=subsampling)
-            crops[i] = imagecodecs.jpeg_decode(encoded).transpose(2, 0, 1)
+            crops[i] = jpeg_round_trip(pixels, quality, names[layout]).transpose(2, 0, 1)
 
-        jobs = list(zip(chosen.tolist(), qualities.tolist(), subsamplings.tolist(), strict=True))
+        jobs = list(zip(chosen.tolist(), qualities.tolist(), layouts.tolist(), strict=True))
         # imagecodecs releases the GIL: a GPU run's large batches use every core
         with ThreadPoolExecutor(max_workers=max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
             list(pool.map(round_trip, jobs))
