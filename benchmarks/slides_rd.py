@@ -124,8 +124,8 @@ def main() -> None:
                    help="where the stores go (default: a temporary folder, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the points as JSON")
     p.add_argument("--baselines-from", type=Path, metavar="JSON",
-                   help="take the curves this run does not sweep from an earlier --json run "
-                        "(to screen a candidate model: --curves dlwsi)")
+                   help="take the JPEG, JPEG-XL and AVIF curves this run does not sweep from "
+                        "an earlier --json run (to screen a candidate model: --curves dlwsi)")
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
@@ -136,9 +136,10 @@ def main() -> None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         results = sweep(args.slides, args.curves, args.workers, workdir)
-    for rel, curves in results.items():
+    for rel, curves in results.items():  # only the classical references: an earlier
+        # dlwsi curve came from another model and would read as this one's
         results[rel] = {**{name: points for name, points in earlier.get(rel, {}).items()
-                           if name not in curves}, **curves}
+                           if name in REFERENCES and name not in curves}, **curves}
     print(report(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
