@@ -9,9 +9,10 @@ codec's setting through the real converter (``ngff-convert``, one process per ru
 slide, vs JPEG, JPEG-XL and AVIF. Stores are written with one glass mode (``fill``, the
 converter's default) so every codec stores the same pixels.
 
-dlwsi is swept twice: over its fixed rungs (``--quality Q``) and over rate-control
-targets (``--target-ssim S``, the converter's default mode, up to the model's default
-rung).
+dlwsi is swept three ways: over its fixed rungs (``--quality Q``); over ``--target-ssim
+S`` (``dlwsi-target``: each level's rung chosen from a sample, the converter's default
+mode since session 10); and over per-chunk rate control (``dlwsi-rc``: ``--chunk-ssim
+S``, each chunk's rung up to the model's default, the default of sessions 8-9).
 
     python benchmarks/slides_rd.py --json docs/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
@@ -40,7 +41,9 @@ SWEEPS: dict[str, list[list[str]]] = {
     "jpegxl": [["--codec", "jpegxl", "--quality", q] for q in ("40", "55", "70", "80", "90")],
     "avif": [["--codec", "avif", "--quality", q] for q in ("30", "45", "60", "70", "80")],
     "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("3", "4", "5", "6", "7")],
-    "dlwsi-rc": [["--codec", "dlwsi", "--target-ssim", s]
+    "dlwsi-target": [["--codec", "dlwsi", "--target-ssim", s]
+                     for s in ("0.92", "0.93", "0.94", "0.95", "0.96")],
+    "dlwsi-rc": [["--codec", "dlwsi", "--chunk-ssim", s]
                  for s in ("0.93", "0.94", "0.95", "0.96", "0.97")],
 }
 REFERENCES = ("jpeg", "jpegxl", "avif")

@@ -107,8 +107,11 @@ def test_read_only_directory(slides, tmp_path):
     (["--saturation-threshold", "high"], ["--saturation-threshold"]),
     (["--overwrite", "--resume"], ["contradict"]),
     (["--chunk", "500"], ["--chunk"]),
-    (["--codec", "jpeg", "--target-ssim", "0.95"], ["--target-ssim", "dlwsi"]),
-    (["--target-ssim", "1.5"], ["codec dlwsi", "target_ssim"]),
+    (["--codec", "jpeg", "--chunk-ssim", "0.95"], ["--chunk-ssim", "dlwsi"]),
+    (["--chunk-ssim", "1.5"], ["codec dlwsi", "target_ssim"]),
+    (["--target-ssim", "1.5"], ["--target-ssim", "between 0 and 1"]),
+    (["--quality", "5", "--target-ssim", "0.9"], ["--quality", "--target-ssim", "one of"]),
+    (["--chunk-ssim", "0.9", "--target-ssim", "0.9"], ["--chunk-ssim", "one of"]),
 ])
 def test_bad_options(slides, tmp_path, args, words):
     proc = run_cli(slides / SMALL, tmp_path / "out.zarr", *args)

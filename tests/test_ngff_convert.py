@@ -147,30 +147,53 @@ def _verify(slides, rel, store) -> dict:
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("rel", [
-    pytest.param(CMU, marks=pytest.mark.xfail(
-        strict=True, reason="he-mshl-v2's ceiling on CMU-1, whose source is JPEG quality "
-        "30 (the network smooths block edges away): the default rate control (SSIM 0.96, "
-        "up to q6) reaches tissue SSIM 0.948, fixed q7 0.950 (PSNR stays near 29.8 dB from "
-        "q6 up); strict, so better weights make this fail until the mark goes")),
-    TCGA,
-])
+@pytest.mark.parametrize("rel", [CMU, TCGA])
 def test_verify_default_quality_ssim(slides, default_stores, rel):
     """The requirement: SSIM >= 0.95 vs the source at the default settings (tissue), and
-    a store smaller than the source file."""
+    a store smaller than the source file. The default chooses the slide's rung for that
+    SSIM, and the store records the choice."""
     report = _verify(slides, rel, default_stores[rel])
     level0 = report["levels"][0]
     assert report["stored_bytes"] < report["source_bytes"]
     assert level0["ssim_tissue"] >= 0.95, level0
+    settings = json.loads((default_stores[rel] / "zarr.json").read_text())[
+        "attributes"]["ngff_convert"]["settings"]
+    choice = settings["quality_choice"]
+    assert choice["target_ssim"] == 0.95 and choice["levels"][0]["reached"]
+    assert len(choice["levels"]) == len(report["levels"])
+    for k, level in enumerate(choice["levels"]):
+        meta = json.loads((default_stores[rel] / str(k) / "zarr.json").read_text())
+        assert meta["codecs"][0]["configuration"]["codecs"][0]["configuration"][
+            "quality"] == level["quality"]
+
+
+def test_target_ssim_chooses_the_lowest_quality_reaching_it(slides, tmp_path):
+    """--target-ssim with a baseline codec: level 0's sample is all of CMU-1's tissue
+    chunks, so the SSIM it measured is the one verify reports, and one quality lower
+    misses."""
+    store = tmp_path / "jpeg.zarr"
+    proc = run_cli(slides / CMU, store, "--codec", "jpeg", "--target-ssim", "0.95",
+                   "--no-progress")
+    assert "choosing the jpeg quality of each level for tissue SSIM 0.95" in proc.stderr
+    choice = json.loads((store / "zarr.json").read_text())[
+        "attributes"]["ngff_convert"]["settings"]["quality_choice"]["levels"][0]
+    assert choice["reached"] and choice["chunks"] == 21
+    level0 = _verify(slides, CMU, store)["levels"][0]
+    assert level0["ssim_tissue"] == pytest.approx(choice["ssim"], abs=1e-5)
+    assert level0["ssim_tissue"] >= 0.95
+    lower = tmp_path / "lower.zarr"
+    run_cli(slides / CMU, lower, "--codec", "jpeg", "--quality", str(choice["quality"] - 1),
+            "--no-progress")
+    assert _verify(slides, CMU, lower)["levels"][0]["ssim_tissue"] < 0.95
 
 
 def test_rate_control_picks_a_rung_per_chunk(slides, tmp_path):
-    """--target-ssim: chunks of one array carry different rungs, the store names the
+    """--chunk-ssim: chunks of one array carry different rungs, the store names the
     target, and level 0 lands near it (or at the ladder's top)."""
     from numcodecs_dlwsi import bitstream
 
     store = tmp_path / "rc.zarr"
-    run_cli(slides / CMU, store, "--target-ssim", "0.94", "--shard", "1", "--no-progress")
+    run_cli(slides / CMU, store, "--chunk-ssim", "0.94", "--shard", "1", "--no-progress")
     meta = json.loads((store / "0" / "zarr.json").read_text())
     config = meta["codecs"][0]["configuration"]
     assert config["target_ssim"] == 0.94

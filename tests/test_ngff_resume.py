@@ -49,6 +49,8 @@ def test_resume_after_kill(slides, tmp_path, codec):
     done = subprocess.run(cli(*args, "--resume"), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "already done" in done.stdout
+    # the quality the killed run chose for --target-ssim (dlwsi's default) is kept
+    assert "choosing" not in done.stderr
     for path, mtime in first.items():
         assert path.stat().st_mtime_ns == mtime, path
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]

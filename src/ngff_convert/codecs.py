@@ -26,30 +26,36 @@ class CodecChoice:
     channels_last: bool  # the codec wants (H, W, 3) chunks, so v3 adds a transpose filter
     note: str
     settings: tuple[tuple[str, Any], ...] = ()  # fixed encoder settings stored with the codec
+    #: lowest and highest quality --target-ssim may choose; None: the rungs the codec
+    #: accepts, asked of the registry (dlwsi's depend on the installed model)
+    quality_range: tuple[int, int] | None = None
+    #: the --target-ssim used when no quality is given (None: the codec's fixed default)
+    default_target_ssim: float | None = None
 
 
-#: dlwsi's rate control target when neither --quality nor --target-ssim is given: each
-#: chunk gets the lowest rung, up to the model's default quality, that reaches it
-#: (docs/benchmarks.md, "Rate control": what it stores and keeps on the real slides).
-DEFAULT_TARGET_SSIM = 0.96
+#: dlwsi's default: each level gets the lowest rung whose tissue SSIM vs the source, as
+#: ``verify`` measures it, reaches this (``calibrate.py``). 0.95: the seed paper's bar.
+DEFAULT_TARGET_SSIM = 0.95
 
 CODECS: dict[str, CodecChoice] = {
     c.name: c
     for c in (
         CodecChoice("dlwsi", "dlwsi", "quality", None, False,
-                    "learned codec; by default each chunk gets the lowest quality rung (up "
-                    f"to the model's default) reaching SSIM {DEFAULT_TARGET_SSIM}; --quality "
-                    "alone fixes the rung"),
-        CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100"),
+                    "learned codec; by default each level gets the lowest quality rung "
+                    f"whose tissue SSIM reaches {DEFAULT_TARGET_SSIM}",
+                    default_target_ssim=DEFAULT_TARGET_SSIM),
+        CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100",
+                    quality_range=(1, 100)),
         # imagecodecs' numcodecs wrapper is lossless unless told otherwise, whatever the level
         CodecChoice("jpegxl", "imagecodecs_jpegxl", "level", 90, True,
-                    "JPEG XL, quality 0-100", (("lossless", False), ("effort", 7))),
+                    "JPEG XL, quality 0-100", (("lossless", False), ("effort", 7)),
+                    quality_range=(1, 99)),
         CodecChoice("jpeg2k", "imagecodecs_jpeg2k", "level", 45, True,
-                    "JPEG 2000, target PSNR in dB"),
+                    "JPEG 2000, target PSNR in dB", quality_range=(20, 70)),
         # libavif's default speed is its slowest (about 0.03 MP/s on a CPU core); 6 is the
         # setting the rate-distortion benchmark uses and common in practice
         CodecChoice("avif", "imagecodecs_avif", "level", 90, True, "AVIF, quality 0-100",
-                    (("speed", 6),)),
+                    (("speed", 6),), quality_range=(1, 99)),
     )
 }
 
@@ -62,28 +68,52 @@ def codec_choice(name: str) -> CodecChoice:
                            f"{', '.join(CODECS)}") from None
 
 
-def _params(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+def _params(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
             ) -> dict[str, Any]:
     q = choice.default_quality if quality is None else quality
-    if choice.name == "dlwsi" and quality is None and target_ssim is None:
-        target_ssim = DEFAULT_TARGET_SSIM  # an explicit --quality alone fixes the rung
     params = dict(choice.settings)
     if q is not None and choice.quality_key is not None:
         params[choice.quality_key] = int(q)
-    if target_ssim is not None:
+    if chunk_ssim is not None:
         if choice.name != "dlwsi":
-            raise ConvertError(f"--target-ssim is dlwsi's rate control; --codec {choice.name} "
-                               "takes --quality only")
-        params["target_ssim"] = float(target_ssim)
+            raise ConvertError(f"--chunk-ssim is dlwsi's per-chunk rate control; --codec "
+                               f"{choice.name} takes --quality or --target-ssim")
+        params["target_ssim"] = float(chunk_ssim)
     return params
 
 
-def v3_codecs(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+def image_codec(choice: CodecChoice, quality: int) -> Any:
+    """The numcodecs codec for ``choice`` at ``quality``, from the registry. It takes
+    (H, W, 3) chunks when ``choice.channels_last``, else (3, H, W)."""
+    import numcodecs
+
+    register_image_codecs()
+    return numcodecs.get_codec({"id": choice.numcodecs_id, **_params(choice, quality)})
+
+
+def quality_range(choice: CodecChoice) -> tuple[int, int]:
+    """The qualities ``choice`` accepts, lowest to highest. For a codec that does not
+    declare them (dlwsi: the installed model's rungs), probe the registry from 1 up."""
+    if choice.quality_range is not None:
+        return choice.quality_range
+    highest = 0
+    for quality in range(1, 256):
+        try:
+            image_codec(choice, quality)
+        except Exception as exc:  # noqa: BLE001 - the codec's own message says why
+            if highest == 0:
+                raise ConvertError(f"codec {choice.name}: {exc}") from None
+            break
+        highest = quality
+    return 1, highest
+
+
+def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
               ) -> dict[str, Any]:
     """``filters``/``serializer``/``compressors`` for a Zarr v3 (3, H, W) uint8 array."""
     if choice.name == "dlwsi":
         config: dict[str, Any] = {"name": "dlwsi"}
-        params = _params(choice, quality, target_ssim)
+        params = _params(choice, quality, chunk_ssim)
         if params:
             config["configuration"] = params
         return {"filters": None, "serializer": config, "compressors": None}
@@ -91,12 +121,12 @@ def v3_codecs(choice: CodecChoice, quality: int | None, target_ssim: float | Non
     return {
         "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
         "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
-                       "configuration": _params(choice, quality, target_ssim)},
+                       "configuration": _params(choice, quality, chunk_ssim)},
         "compressors": None,
     }
 
 
-def v2_compressor(choice: CodecChoice, quality: int | None, target_ssim: float | None = None
+def v2_compressor(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
                   ) -> dict[str, Any]:
     """The numcodecs ``compressor`` for a Zarr v2 array (NGFF 0.4)."""
     if choice.channels_last:
@@ -104,7 +134,7 @@ def v2_compressor(choice: CodecChoice, quality: int | None, target_ssim: float |
         # a 3-row image. Only dlwsi codes channel-first chunks directly.
         raise ConvertError(f"--codec {choice.name} needs --ngff 0.5 (Zarr v2 cannot hand it "
                            "channel-last chunks); use --codec dlwsi with --ngff 0.4")
-    return {"id": choice.numcodecs_id, **_params(choice, quality, target_ssim)}
+    return {"id": choice.numcodecs_id, **_params(choice, quality, chunk_ssim)}
 
 
 _REGISTERED = False

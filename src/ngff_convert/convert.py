@@ -12,7 +12,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ import numpy as np
 import zarr
 
 from . import ConvertError, __version__, ngff
+from .calibrate import Calibration, choose_qualities
 from .codecs import codec_choice, describe_v3, register_image_codecs, v2_compressor, v3_codecs
+from .fidelity import in_tissue, ssim_map
 from .pyramid import Layout, level_shapes, pyramid
 from .slide import SlideInfo, associated_image, open_slide
 from .store import PROGRESS_KEY, Output, check_writable, create_level, open_output
@@ -34,7 +36,8 @@ BATCH_SIZE = 16  # chunks per codec call: dlwsi encodes a batch at once
 class Options:
     codec: str = "dlwsi"
     quality: int | None = None
-    target_ssim: float | None = None  # dlwsi: each chunk's rung chosen to reach this SSIM
+    target_ssim: float | None = None  # the slide's quality chosen to reach this (calibrate)
+    chunk_ssim: float | None = None  # dlwsi: each chunk's rung chosen to reach this SSIM
     ngff: str = "0.5"
     glass: Glass = Glass.fill
     chunk: int = 512
@@ -75,22 +78,62 @@ def configure_zarr() -> None:
                      "array.write_empty_chunks": False})
 
 
-def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any],
+              choices: list[Calibration] | None) -> dict[str, Any]:
+    """What a --resume must match, and how the store was made. ``codec_config`` is level
+    0's; with --target-ssim, ``quality_choice`` holds each level's search."""
+    settings = {
         "source": Path(info.path).name, "source_bytes": _source_bytes(info.path),
         "codec": options.codec, "codec_config": codec_config, "ngff": options.ngff,
         "glass": options.glass.value, "chunk": options.chunk,
         "shard": options.shard if options.ngff == "0.5" else 1, "mask": asdict(options.mask),
     }
+    if choices is not None:
+        settings["quality_choice"] = {"target_ssim": choices[0].target_ssim,
+                                      "levels": [c.as_dict() for c in choices]}
+    return settings
+
+
+def _target_ssim(options: Options) -> float | None:
+    """The --target-ssim in force: the user's, or the codec's default when neither a
+    quality nor dlwsi's per-chunk --chunk-ssim is given."""
+    if options.target_ssim is not None and options.quality is not None:
+        raise ConvertError("--quality fixes the quality and --target-ssim chooses it; "
+                           "give one of them")
+    if options.target_ssim is not None and options.chunk_ssim is not None:
+        raise ConvertError("--target-ssim chooses a quality per level and --chunk-ssim a "
+                           "rung per chunk; give one of them")
+    if options.target_ssim is not None:
+        if not 0.0 < options.target_ssim < 1.0:
+            raise ConvertError(f"--target-ssim must be between 0 and 1, got "
+                               f"{options.target_ssim}")
+        return options.target_ssim
+    if options.quality is None and options.chunk_ssim is None:
+        return codec_choice(options.codec).default_target_ssim
+    return None
+
+
+def _chosen_qualities(info: SlideInfo, tissue: TissueMask, options: Options, target: float,
+                      shapes: list[tuple[int, int, int]], earlier: dict[str, Any] | None,
+                      log: Callable[[str], None]) -> list[Calibration]:
+    """Each level's quality for ``target``; a resumed run keeps the interrupted run's."""
+    if earlier and earlier.get("target_ssim") == target and \
+            len(earlier.get("levels", [])) == len(shapes):
+        return [Calibration(target, int(e["quality"]), float(e["ssim"]), bool(e["reached"]),
+                            int(e["chunks"]),
+                            {int(q): float(v) for q, v in e.get("tried", {}).items()})
+                for e in earlier["levels"]]
+    return choose_qualities(info, tissue, options.glass, options.chunk, shapes,
+                            codec_choice(options.codec), target, options.workers, log)
 
 
 def _codec_config(options: Options) -> dict[str, Any]:
     """Resolve --codec/--quality for the format; fail (one line) before writing anything."""
     choice = codec_choice(options.codec)
     if options.ngff == "0.5":
-        config = v3_codecs(choice, options.quality, options.target_ssim)
+        config = v3_codecs(choice, options.quality, options.chunk_ssim)
     else:
-        config = {"compressors": v2_compressor(choice, options.quality, options.target_ssim)}
+        config = {"compressors": v2_compressor(choice, options.quality, options.chunk_ssim)}
     # instantiate once on a scratch store so a bad quality or missing weights fail now
     probe = zarr.create_array(zarr.storage.MemoryStore(), shape=(3, 64, 64),
                               chunks=(3, 64, 64), dtype="uint8", fill_value=255,
@@ -113,6 +156,7 @@ def convert(source: str, target: str, options: Options,
         raise ConvertError(f"--shard must be >= 1, got {options.shard}")
     info = open_slide(source)
     configure_zarr()
+    target_ssim = _target_ssim(options)
     try:
         codecs = _codec_config(options)
     except ConvertError:
@@ -121,7 +165,7 @@ def convert(source: str, target: str, options: Options,
         raise ConvertError(f"codec {options.codec}: {_one_line(exc)}") from None
     zarr_format = 3 if options.ngff == "0.5" else 2
     out = open_output(target, storage_options=options.storage_options)
-    resuming = False
+    resuming, state = False, None
     if out.exists():
         state = _progress_state(out)
         if options.resume:
@@ -152,7 +196,16 @@ def convert(source: str, target: str, options: Options,
     layout = Layout(options.chunk, chunks_per_block)
     shapes = level_shapes(info.height, info.width, options.chunk)
     names = [str(i) for i in range(len(shapes))]
-    settings = _settings(info, options, codecs)
+    choices = None
+    level_codecs = [codecs] * len(shapes)
+    if target_ssim is not None:
+        earlier = state.get("settings", {}).get("quality_choice") if resuming and state else None
+        choices = _chosen_qualities(info, tissue, options, target_ssim, shapes, earlier, log)
+        by_quality = {c.quality: _codec_config(replace(options, quality=c.quality))
+                      for c in choices}
+        level_codecs = [by_quality[c.quality] for c in choices]
+        codecs = level_codecs[0]
+    settings = _settings(info, options, codecs, choices)
     if resuming:
         group = zarr.open_group(out.store, mode="r+")
         old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
@@ -163,8 +216,8 @@ def convert(source: str, target: str, options: Options,
             raise ConvertError(f"{out.url}: --resume with different settings than the "
                                f"interrupted run: {'; '.join(different)}")
         # a run killed while it was creating the level arrays left only some of them
-        arrays = [_level_or_create(group, name, shape, options, zarr_format, codecs)
-                  for name, shape in zip(names, shapes, strict=True)]
+        arrays = [_level_or_create(group, name, shape, options, zarr_format, level_codec)
+                  for name, shape, level_codec in zip(names, shapes, level_codecs, strict=True)]
     else:
         try:
             group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
@@ -173,7 +226,9 @@ def convert(source: str, target: str, options: Options,
                                                                "version": __version__}})
             arrays = [create_level(group, name, shape, options.chunk,
                                    options.shard if zarr_format == 3 else 1, zarr_format,
-                                   codecs) for name, shape in zip(names, shapes, strict=True)]
+                                   level_codec)
+                      for name, shape, level_codec in zip(names, shapes, level_codecs,
+                                                          strict=True)]
         except Exception as exc:  # noqa: BLE001
             raise ConvertError(f"{out.url}: cannot create the store: {_one_line(exc)}") from None
 
@@ -526,30 +581,17 @@ def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step
     """Per ``tile``² tile of the block: [sq.err all, n all, ssim sum all, sq.err tissue,
     n tissue, ssim sum tissue] (per pixel, channels averaged), as (1, rows, 6 * cols).
     SSIM is computed tile by tile, which also bounds memory."""
-    from skimage.metrics import structural_similarity
-
     assert block_info is not None
     (_, _), (y0, _), (x0, _) = block_info[1]["array-location"]
     _, h, w = ref.shape
-    d = tissue.downsample
-    rows = np.minimum((np.arange(y0, y0 + h) * step) // d, tissue.mask.shape[0] - 1)
-    cols = np.minimum((np.arange(x0, x0 + w) * step) // d, tissue.mask.shape[1] - 1)
-    in_tissue = tissue.mask[np.ix_(rows, cols)]
+    tissue_pixels = in_tissue(tissue, y0, x0, h, w, step)
     err = ((stored.astype(np.float32) - ref.astype(np.float32)) ** 2).mean(axis=0)
     out = np.zeros((1, -(-h // tile), -(-w // tile), 6), np.float64)
     for ty in range(0, h, tile):
         for tx in range(0, w, tile):
-            a = stored[:, ty:ty + tile, tx:tx + tile]
-            b = ref[:, ty:ty + tile, tx:tx + tile]
-            win = min(7, *a.shape[1:])
-            if win < 3:
-                ssim = np.full(a.shape[1:], 1.0 if np.array_equal(a, b) else 0.0, np.float32)
-            else:
-                win -= 1 - win % 2  # odd
-                _, full = structural_similarity(a, b, channel_axis=0, data_range=255,
-                                                full=True, win_size=win)
-                ssim = full.mean(axis=0)
-            e, t = err[ty:ty + tile, tx:tx + tile], in_tissue[ty:ty + tile, tx:tx + tile]
+            ssim = ssim_map(stored[:, ty:ty + tile, tx:tx + tile],
+                            ref[:, ty:ty + tile, tx:tx + tile])
+            e, t = err[ty:ty + tile, tx:tx + tile], tissue_pixels[ty:ty + tile, tx:tx + tile]
             out[0, ty // tile, tx // tile] = [e.sum(), e.size, ssim.sum(), e[t].sum(), t.sum(),
                                               ssim[t].sum()]
     return out.reshape(1, out.shape[1], -1)
