@@ -10,6 +10,11 @@ conversion speed in megapixels (all levels) per second.
     python benchmarks/slides.py --slides dicom/highdicom_sm_image/sm_image.dcm \\
         --codecs jpeg dlwsi --glass keep fill          # a quick subset
     python benchmarks/slides.py --json results.json
+    python benchmarks/slides.py --target-ssim 0.95 --glass fill   # every codec at one bar
+
+With ``--target-ssim S`` every codec converts with ``--target-ssim S`` (the quality
+chosen for level-0 tissue SSIM S as ``verify`` measures it) instead of its default
+setting, so the codecs meet the same quality bar and the sizes compare directly.
 
 This is long on CPU (dlwsi encodes ~3 chunks/s/core); run it on a quiet machine.
 """
@@ -52,7 +57,7 @@ def cli(*args: object) -> list[str]:
 
 
 def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
-          workdir: Path) -> list[dict]:
+          workdir: Path, target_ssim: float | None = None) -> list[dict]:
     rows = []
     for rel in slides:
         src = SLIDES / rel
@@ -63,6 +68,8 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
                         "--no-progress"]
                 if workers:
                     args += ["--workers", workers]
+                if target_ssim is not None:
+                    args += ["--target-ssim", target_ssim]
                 conv, seconds, peak = run_measured(cli(*args))
                 if conv.returncode != 0:
                     print(f"# {rel} {codec} {glass}: {conv.stderr.strip()}", file=sys.stderr)
@@ -82,6 +89,8 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
                     "ssim_all": level0["ssim_all"], "seconds": seconds,
                     "megapixels": megapixels, "mp_per_s": megapixels / seconds,
                     "peak_rss_bytes": peak, "tissue": info.get("tissue"),
+                    "chosen_quality": info["quality_choice"]["quality"]
+                    if info.get("quality_choice") else None,
                 })
     return rows
 
@@ -89,7 +98,8 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
 def table(rows: list[dict]) -> str:
     jpeg = {(r["slide"], r["glass"]): r["stored_bytes"] for r in rows if r["codec"] == "jpeg"}
     lines = [f"{'slide':<34} {'glass':<5} {'codec':<7} {'stored MiB':>10} {'vs source':>9} "
-             f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"]
+             f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"
+             "  chosen quality"]
     for r in rows:
         vs_src = 1 - r["stored_bytes"] / r["source_bytes"]
         ref = jpeg.get((r["slide"], r["glass"]))
@@ -100,7 +110,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {r['codec']:<7} "
             f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
-            f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}")
+            f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
+            + (f"  {r['chosen_quality']}" if r.get("chosen_quality") is not None else ""))
     lines.append("vs source / vs JPEG: size reduction (positive = smaller). SSIM/PSNR: level 0, "
                  "tissue pixels (* all pixels: no tissue), vs the source.\n"
                  "MP/s: all levels' pixels / wall time.")
@@ -118,13 +129,16 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the stores go (default: a temporary folder, removed)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--target-ssim", type=float, default=None, metavar="S",
+                   help="convert with every codec at --target-ssim S instead of its default")
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir)
+        rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
+                     args.target_ssim)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -10,9 +10,10 @@ slide, vs JPEG, JPEG-XL and AVIF. Stores are written with one glass mode (``fill
 converter's default) so every codec stores the same pixels.
 
 dlwsi is swept three ways: over its fixed rungs (``--quality Q``); over ``--target-ssim
-S`` (``dlwsi-target``: each level's rung chosen from a sample, the converter's default
-mode since session 10); and over per-chunk rate control (``dlwsi-rc``: ``--chunk-ssim
-S``, each chunk's rung up to the model's default, the default of sessions 8-9).
+S`` (``dlwsi-target``: the slide's rung chosen from a level-0 sample, the converter's
+default mode since session 10, so its points are fixed rungs); and over per-chunk rate
+control (``dlwsi-rc``: ``--chunk-ssim S``, each chunk's rung up to the model's default,
+the default of sessions 8-9).
 
     python benchmarks/slides_rd.py --json docs/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi

@@ -159,24 +159,24 @@ def test_verify_default_quality_ssim(slides, default_stores, rel):
     settings = json.loads((default_stores[rel] / "zarr.json").read_text())[
         "attributes"]["ngff_convert"]["settings"]
     choice = settings["quality_choice"]
-    assert choice["target_ssim"] == 0.95 and choice["levels"][0]["reached"]
-    assert len(choice["levels"]) == len(report["levels"])
-    for k, level in enumerate(choice["levels"]):
+    assert choice["target_ssim"] == 0.95 and choice["reached"]
+    assert choice["ssim"] == pytest.approx(level0["ssim_tissue"], abs=1e-3)
+    for k in range(len(report["levels"])):
         meta = json.loads((default_stores[rel] / str(k) / "zarr.json").read_text())
         assert meta["codecs"][0]["configuration"]["codecs"][0]["configuration"][
-            "quality"] == level["quality"]
+            "quality"] == choice["quality"]
 
 
 def test_target_ssim_chooses_the_lowest_quality_reaching_it(slides, tmp_path):
-    """--target-ssim with a baseline codec: level 0's sample is all of CMU-1's tissue
-    chunks, so the SSIM it measured is the one verify reports, and one quality lower
-    misses."""
+    """--target-ssim with a baseline codec: the sample is all of CMU-1's tissue chunks, so
+    the SSIM it measured is the one verify reports, and one quality lower misses."""
     store = tmp_path / "jpeg.zarr"
     proc = run_cli(slides / CMU, store, "--codec", "jpeg", "--target-ssim", "0.95",
                    "--no-progress")
-    assert "choosing the jpeg quality of each level for tissue SSIM 0.95" in proc.stderr
+    assert "choosing the jpeg quality for level-0 tissue SSIM 0.95 on 21 chunks" in \
+        proc.stderr
     choice = json.loads((store / "zarr.json").read_text())[
-        "attributes"]["ngff_convert"]["settings"]["quality_choice"]["levels"][0]
+        "attributes"]["ngff_convert"]["settings"]["quality_choice"]
     assert choice["reached"] and choice["chunks"] == 21
     level0 = _verify(slides, CMU, store)["levels"][0]
     assert level0["ssim_tissue"] == pytest.approx(choice["ssim"], abs=1e-5)
@@ -343,8 +343,12 @@ def test_info_lists_levels_codec_and_sizes(slides, default_stores):
     assert all("dlwsi" in lv["codec"] for lv in d["levels"])
     assert 0 < d["stored_bytes"] < d["raw_bytes"]
     assert d["source_bytes"] == (slides / CMU).stat().st_size
+    assert d["quality_choice"]["target_ssim"] == 0.95
+    quality = d["quality_choice"]["quality"]
+    assert all(f"'quality': {quality}," in lv["codec"] for lv in d["levels"])
     text = run_cli("info", default_stores[CMU]).stdout
     assert "dlwsi" in text and "raw" in text and "source file" in text
+    assert f"quality {quality} chosen for level-0 tissue SSIM 0.95" in text
 
 
 def test_mask_preview_and_associated_images(slides, tmp_path):

@@ -1,24 +1,21 @@
-"""``--target-ssim``: a quality for each pyramid level, chosen from a sample of its chunks.
+"""``--target-ssim``: the slide's quality, chosen from a sample of its level-0 chunks.
 
-Each level gets the lowest quality whose tissue SSIM against the source, measured as
-``verify`` measures it (``fidelity.py``), reaches the target on a sample of the level's
-tissue chunks, coded as the conversion will code them (same codec from the registry,
-edge chunks padded with the fill value as Zarr pads them). Quality rises with SSIM for
-every codec here, so each search is a bisection: about log2(qualities) trial encodes.
+The chosen quality is the lowest whose level-0 tissue SSIM against the source, measured
+as ``verify`` measures it (``fidelity.py``), reaches the target on a sample of level-0
+tissue chunks coded exactly as the conversion codes them (glass handled, edge chunks
+padded with the fill value as Zarr pads them, the same codec from the registry). Every
+level is then written at that quality. Quality rises with SSIM for every codec here, so
+the search is a bisection: about log2(qualities) trial encodes of the sample.
 
-Level 0's sample is exact: the chunks the converter writes (glass handled) against the
-source pixels. A lower level's chunk covers 4^k times the level-0 area, so its sample is
-read through OpenSlide's own pyramid (``slide.read_downsampled``) and coded as read: the
-same content at that scale, not the converter's exact pixels. Lower levels hold detail
-denser per pixel than level 0 and need a higher rung for the same SSIM (on TCGA-CR-7395
-at dlwsi rung 3: 0.957 at level 0, 0.895 at level 2).
-
-Why one quality per slide and not one per chunk: on both Aperio slides, coding every
-stored chunk at every dlwsi rung and choosing per chunk showed that a single rung per
-slide is already on the best curve; the best per-chunk choice (equal slope) was 1-3%
-worse, and the lowest rung reaching a per-chunk SSIM floor 9-13% worse, at equal
-level-0 tissue SSIM (docs/benchmarks.md, "Choosing the quality"). The per-chunk floor
-stays available for dlwsi as ``--chunk-ssim``.
+Why one quality for the slide: on both Aperio slides, every stored chunk coded at every
+dlwsi rung (``benchmarks/rung_choice.py``) showed one rung for the slide already on the
+best curve; the best per-chunk choice (equal slope, even with verify's own mask) was
+0.4-2.7% worse, and the lowest rung reaching a per-chunk SSIM floor 13-16% worse, at
+equal level-0 tissue SSIM. A rung per pyramid level, each chosen for the target, was
+tried too: lower levels hold denser detail and most reach no rung's 0.95, so they went
+to the top rung and cost 5-7 BD-rate points at level 0's quality for +0.03 SSIM where
+they are viewed zoomed out (docs/benchmarks.md, "Choosing the quality"). The per-chunk
+floor stays available for dlwsi as ``--chunk-ssim``.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ import numpy as np
 from . import ConvertError
 from .codecs import CodecChoice, image_codec, quality_range
 from .fidelity import in_tissue, ssim_map
-from .slide import WHITE, SlideInfo, read_downsampled, read_rgb
+from .slide import WHITE, SlideInfo, read_rgb
 from .tissue import Glass, TissueMask, apply_glass
 
 #: Level-0 chunks coded per trial quality: a small slide is measured whole, a large one
@@ -64,14 +61,14 @@ class _SampleChunk:
     tissue: np.ndarray  # (h, w) bool, the pixels verify's tissue numbers cover
 
 
-def sample_positions(shape: tuple[int, int, int], tissue: TissueMask, chunk: int,
-                     step: int, limit: int = SAMPLE_CHUNKS) -> list[tuple[int, int]]:
-    """(y, x) of up to ``limit`` chunks of a (3, h, w) level ``step`` x below level 0 that
-    hold tissue, spread evenly over the level's tissue chunks in raster order."""
-    _, height, width = shape
-    positions = [(y, x) for y in range(0, height, chunk) for x in range(0, width, chunk)
-                 if tissue.has_tissue(y * step, x * step, min(chunk, height - y) * step,
-                                      min(chunk, width - x) * step)]
+def sample_positions(info: SlideInfo, tissue: TissueMask, chunk: int,
+                     limit: int = SAMPLE_CHUNKS) -> list[tuple[int, int]]:
+    """(y, x) of up to ``limit`` level-0 chunks that hold tissue, spread evenly over the
+    slide's tissue chunks in raster order (all of them when there are few)."""
+    positions = [(y, x) for y in range(0, info.height, chunk)
+                 for x in range(0, info.width, chunk)
+                 if tissue.has_tissue(y, x, min(chunk, info.height - y),
+                                      min(chunk, info.width - x))]
     if len(positions) <= limit:
         return positions
     picks = np.linspace(0, len(positions) - 1, limit).round().astype(int)
@@ -79,18 +76,13 @@ def sample_positions(shape: tuple[int, int, int], tissue: TissueMask, chunk: int
 
 
 def _read_sample(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
-                 shape: tuple[int, int, int], step: int, position: tuple[int, int]
-                 ) -> _SampleChunk:
+                 position: tuple[int, int]) -> _SampleChunk:
     y, x = position
-    h, w = min(chunk, shape[1] - y), min(chunk, shape[2] - x)
-    pixels = in_tissue(tissue, y, x, h, w, step)
-    if step > 1:  # this scale's content through the slide's pyramid (module docstring)
-        source = read_downsampled(info, step, x, y, w, h)
-        return _SampleChunk(source, source, pixels)
+    h, w = min(chunk, info.height - y), min(chunk, info.width - x)
     source = read_rgb(info, x, y, w, h)
     coded = apply_glass(source, glass, tissue, y, x, chunk) if glass is not Glass.keep \
         else source
-    return _SampleChunk(np.ascontiguousarray(coded), source, pixels)
+    return _SampleChunk(np.ascontiguousarray(coded), source, in_tissue(tissue, y, x, h, w))
 
 
 def _round_trip(choice: CodecChoice, codec: object, chunk: np.ndarray, side: int
@@ -119,46 +111,36 @@ def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], 
     return sum(s for s, _ in totals) / pixels if pixels else 1.0
 
 
-def choose_qualities(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
-                     shapes: list[tuple[int, int, int]], choice: CodecChoice,
-                     target_ssim: float, workers: int | None = None,
-                     log: Callable[[str], None] = print) -> list[Calibration]:
-    """For each level (``shapes``, level 0 first), the lowest quality of ``choice`` whose
-    sampled tissue SSIM reaches ``target_ssim`` (the highest quality, with ``reached``
-    False, when none does)."""
+def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
+                   choice: CodecChoice, target_ssim: float, workers: int | None = None,
+                   log: Callable[[str], None] = print) -> Calibration:
+    """The lowest quality of ``choice`` whose sampled level-0 tissue SSIM reaches
+    ``target_ssim`` (the highest quality, with ``reached`` False, when none does)."""
     if not 0.0 < target_ssim < 1.0:
         raise ConvertError(f"--target-ssim must be between 0 and 1, got {target_ssim}")
-    qualities = quality_range(choice)
-    log(f"choosing the {choice.name} quality of each level for tissue SSIM {target_ssim}")
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return [_choose(info, tissue, glass, chunk, shape, 2**k, choice, target_ssim,
-                        qualities, pool, lambda m, k=k: log(f"  level {k}: {m}"))
-                for k, shape in enumerate(shapes)]
-
-
-def _choose(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
-            shape: tuple[int, int, int], step: int, choice: CodecChoice, target_ssim: float,
-            qualities: tuple[int, int], pool: ThreadPoolExecutor,
-            log: Callable[[str], None]) -> Calibration:
-    low, high = qualities
-    positions = sample_positions(shape, tissue, chunk, step)
+    low, high = quality_range(choice)
+    positions = sample_positions(info, tissue, chunk)
     if not positions:  # nothing but glass: any quality stores the same (nothing)
         return Calibration(target_ssim, high, 1.0, True, 0)
-    sample = list(pool.map(
-        lambda p: _read_sample(info, tissue, glass, chunk, shape, step, p), positions))
     tried: dict[int, float] = {}
     chosen = None
-    while low <= high:  # bisection for the lowest quality reaching the target
-        middle = (low + high) // 2
-        tried[middle] = _sample_ssim(choice, middle, sample, chunk, pool)
-        if tried[middle] >= target_ssim:
-            chosen, high = middle, middle - 1
-        else:
-            low = middle + 1
-    steps = ", ".join(f"q{q} {v:.4f}" for q, v in tried.items())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sample = list(pool.map(lambda p: _read_sample(info, tissue, glass, chunk, p),
+                                positions))
+        log(f"choosing the {choice.name} quality for level-0 tissue SSIM {target_ssim} on "
+            f"{len(sample)} chunks")
+        while low <= high:  # bisection for the lowest quality reaching the target
+            middle = (low + high) // 2
+            tried[middle] = _sample_ssim(choice, middle, sample, chunk, pool)
+            log(f"  quality {middle}: tissue SSIM {tried[middle]:.4f}")
+            if tried[middle] >= target_ssim:
+                chosen, high = middle, middle - 1
+            else:
+                low = middle + 1
     if chosen is None:
         top = max(tried)
-        log(f"{steps}; none reaches {target_ssim}, using the highest, {top}")
+        log(f"no {choice.name} quality reaches tissue SSIM {target_ssim}; using the highest, "
+            f"{top}")
         return Calibration(target_ssim, top, tried[top], False, len(sample), tried)
-    log(f"{steps} on {len(sample)} chunks: quality {chosen}")
+    log(f"  chose quality {chosen}")
     return Calibration(target_ssim, chosen, tried[chosen], True, len(sample), tried)

@@ -66,17 +66,16 @@ def convert_parser() -> argparse.ArgumentParser:
                         "the others); with --chunk-ssim, the highest dlwsi rung a chunk may "
                         "use")
     p.add_argument("--target-ssim", type=float, default=None, metavar="SSIM",
-                   help="choose the quality of each pyramid level: the lowest whose tissue "
-                        "SSIM vs the source, as 'verify' measures it, reaches SSIM on a "
-                        "sample of up to 32 tissue chunks of the level (every codec; a few "
-                        "trial encodes per level before converting; a level no quality "
-                        "brings there gets the highest). dlwsi's default: "
-                        f"{DEFAULT_TARGET_SSIM}")
+                   help="choose the slide's quality: the lowest whose level-0 tissue SSIM "
+                        "vs the source, as 'verify' measures it, reaches SSIM on a sample "
+                        "of up to 32 tissue chunks (every codec; a few trial encodes "
+                        "before converting; the highest quality if none does). dlwsi's "
+                        f"default: {DEFAULT_TARGET_SSIM}")
     p.add_argument("--chunk-ssim", type=float, default=None, metavar="SSIM",
                    help="dlwsi per-chunk rate control instead: each chunk gets the lowest "
                         "rung (up to --quality) whose decoded chunk reaches SSIM over its "
                         "non-white pixels, a floor for every chunk; on the Aperio slides it "
-                        "stored 9-13%% more than one rung per level at the same mean SSIM")
+                        "stored 13-16%% more than one rung per slide at the same mean tissue SSIM")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
     p.add_argument("--glass", choices=[g.value for g in Glass], default=Glass.fill.value,
@@ -207,6 +206,11 @@ def _run_info(args: argparse.Namespace) -> int:
               f"{_mib(lv['stored_bytes']):>12} {_mib(lv['raw_bytes']):>12} {ratio:>6.1f}x  "
               f"{lv['codec']}")
     src = d["source_bytes"]
+    choice = d.get("quality_choice")
+    if choice:
+        print(f"quality {choice['quality']} chosen for level-0 tissue SSIM "
+              f"{choice['target_ssim']}: {choice['ssim']:.4f} on {choice['chunks']} sampled "
+              "chunks" + ("" if choice["reached"] else " (the highest; target not reached)"))
     print(f"total: {_mib(d['stored_bytes'])} stored in {d['objects']} objects, "
           f"{_mib(d['raw_bytes'])} raw"
           + (f", source file {_mib(src)} (stored = {d['stored_bytes'] / src:.1%} of it)"

@@ -33,16 +33,17 @@ class CodecChoice:
     default_target_ssim: float | None = None
 
 
-#: dlwsi's default: each level gets the lowest rung whose tissue SSIM vs the source, as
-#: ``verify`` measures it, reaches this (``calibrate.py``). 0.95: the seed paper's bar.
+#: dlwsi's default: the slide gets the lowest rung whose level-0 tissue SSIM vs the
+#: source, as ``verify`` measures it, reaches this (``calibrate.py``). 0.95: the seed
+#: paper's bar.
 DEFAULT_TARGET_SSIM = 0.95
 
 CODECS: dict[str, CodecChoice] = {
     c.name: c
     for c in (
         CodecChoice("dlwsi", "dlwsi", "quality", None, False,
-                    "learned codec; by default each level gets the lowest quality rung "
-                    f"whose tissue SSIM reaches {DEFAULT_TARGET_SSIM}",
+                    "learned codec; by default the slide gets the lowest quality rung whose "
+                    f"level-0 tissue SSIM reaches {DEFAULT_TARGET_SSIM}",
                     default_target_ssim=DEFAULT_TARGET_SSIM),
         CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100",
                     quality_range=(1, 100)),

@@ -21,7 +21,7 @@ import numpy as np
 import zarr
 
 from . import ConvertError, __version__, ngff
-from .calibrate import Calibration, choose_qualities
+from .calibrate import Calibration, choose_quality
 from .codecs import codec_choice, describe_v3, register_image_codecs, v2_compressor, v3_codecs
 from .fidelity import in_tissue, ssim_map
 from .pyramid import Layout, level_shapes, pyramid
@@ -79,18 +79,17 @@ def configure_zarr() -> None:
 
 
 def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any],
-              choices: list[Calibration] | None) -> dict[str, Any]:
-    """What a --resume must match, and how the store was made. ``codec_config`` is level
-    0's; with --target-ssim, ``quality_choice`` holds each level's search."""
+              calibration: Calibration | None) -> dict[str, Any]:
+    """What a --resume must match, and how the store was made (with --target-ssim,
+    ``quality_choice`` records the search)."""
     settings = {
         "source": Path(info.path).name, "source_bytes": _source_bytes(info.path),
         "codec": options.codec, "codec_config": codec_config, "ngff": options.ngff,
         "glass": options.glass.value, "chunk": options.chunk,
         "shard": options.shard if options.ngff == "0.5" else 1, "mask": asdict(options.mask),
     }
-    if choices is not None:
-        settings["quality_choice"] = {"target_ssim": choices[0].target_ssim,
-                                      "levels": [c.as_dict() for c in choices]}
+    if calibration is not None:
+        settings["quality_choice"] = calibration.as_dict()
     return settings
 
 
@@ -101,7 +100,7 @@ def _target_ssim(options: Options) -> float | None:
         raise ConvertError("--quality fixes the quality and --target-ssim chooses it; "
                            "give one of them")
     if options.target_ssim is not None and options.chunk_ssim is not None:
-        raise ConvertError("--target-ssim chooses a quality per level and --chunk-ssim a "
+        raise ConvertError("--target-ssim chooses the slide's quality and --chunk-ssim a "
                            "rung per chunk; give one of them")
     if options.target_ssim is not None:
         if not 0.0 < options.target_ssim < 1.0:
@@ -113,18 +112,16 @@ def _target_ssim(options: Options) -> float | None:
     return None
 
 
-def _chosen_qualities(info: SlideInfo, tissue: TissueMask, options: Options, target: float,
-                      shapes: list[tuple[int, int, int]], earlier: dict[str, Any] | None,
-                      log: Callable[[str], None]) -> list[Calibration]:
-    """Each level's quality for ``target``; a resumed run keeps the interrupted run's."""
-    if earlier and earlier.get("target_ssim") == target and \
-            len(earlier.get("levels", [])) == len(shapes):
-        return [Calibration(target, int(e["quality"]), float(e["ssim"]), bool(e["reached"]),
-                            int(e["chunks"]),
-                            {int(q): float(v) for q, v in e.get("tried", {}).items()})
-                for e in earlier["levels"]]
-    return choose_qualities(info, tissue, options.glass, options.chunk, shapes,
-                            codec_choice(options.codec), target, options.workers, log)
+def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, target: float,
+                    earlier: dict[str, Any] | None, log: Callable[[str], None]
+                    ) -> Calibration:
+    """The slide's quality for ``target``; a resumed run keeps the interrupted run's."""
+    if earlier and earlier.get("target_ssim") == target:
+        return Calibration(target, int(earlier["quality"]), float(earlier["ssim"]),
+                           bool(earlier["reached"]), int(earlier["chunks"]),
+                           {int(q): float(v) for q, v in earlier.get("tried", {}).items()})
+    return choose_quality(info, tissue, options.glass, options.chunk,
+                          codec_choice(options.codec), target, options.workers, log)
 
 
 def _codec_config(options: Options) -> dict[str, Any]:
@@ -196,16 +193,13 @@ def convert(source: str, target: str, options: Options,
     layout = Layout(options.chunk, chunks_per_block)
     shapes = level_shapes(info.height, info.width, options.chunk)
     names = [str(i) for i in range(len(shapes))]
-    choices = None
-    level_codecs = [codecs] * len(shapes)
+    calibration = None
     if target_ssim is not None:
         earlier = state.get("settings", {}).get("quality_choice") if resuming and state else None
-        choices = _chosen_qualities(info, tissue, options, target_ssim, shapes, earlier, log)
-        by_quality = {c.quality: _codec_config(replace(options, quality=c.quality))
-                      for c in choices}
-        level_codecs = [by_quality[c.quality] for c in choices]
-        codecs = level_codecs[0]
-    settings = _settings(info, options, codecs, choices)
+        calibration = _chosen_quality(info, tissue, options, target_ssim, earlier, log)
+        options = replace(options, quality=calibration.quality)
+        codecs = _codec_config(options)
+    settings = _settings(info, options, codecs, calibration)
     if resuming:
         group = zarr.open_group(out.store, mode="r+")
         old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
@@ -216,8 +210,8 @@ def convert(source: str, target: str, options: Options,
             raise ConvertError(f"{out.url}: --resume with different settings than the "
                                f"interrupted run: {'; '.join(different)}")
         # a run killed while it was creating the level arrays left only some of them
-        arrays = [_level_or_create(group, name, shape, options, zarr_format, level_codec)
-                  for name, shape, level_codec in zip(names, shapes, level_codecs, strict=True)]
+        arrays = [_level_or_create(group, name, shape, options, zarr_format, codecs)
+                  for name, shape in zip(names, shapes, strict=True)]
     else:
         try:
             group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
@@ -226,9 +220,7 @@ def convert(source: str, target: str, options: Options,
                                                                "version": __version__}})
             arrays = [create_level(group, name, shape, options.chunk,
                                    options.shard if zarr_format == 3 else 1, zarr_format,
-                                   level_codec)
-                      for name, shape, level_codec in zip(names, shapes, level_codecs,
-                                                          strict=True)]
+                                   codecs) for name, shape in zip(names, shapes, strict=True)]
         except Exception as exc:  # noqa: BLE001
             raise ConvertError(f"{out.url}: cannot create the store: {_one_line(exc)}") from None
 
@@ -485,6 +477,7 @@ def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str
         "source_bytes": state.get("settings", {}).get("source_bytes"),
         "glass": state.get("settings", {}).get("glass"),
         "tissue": state.get("tissue"),
+        "quality_choice": state.get("settings", {}).get("quality_choice"),
     }
 
 
