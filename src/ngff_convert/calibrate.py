@@ -20,6 +20,7 @@ floor stays available for dlwsi as ``--chunk-ssim``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -124,7 +125,9 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
         return Calibration(target_ssim, high, 1.0, True, 0)
     tried: dict[int, float] = {}
     chosen = None
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # one trial encode per core, as the conversion runs them: more would only add
+    # onnxruntime arenas (6 concurrent dlwsi encodes peaked 1 GiB above the conversion)
+    with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         sample = list(pool.map(lambda p: _read_sample(info, tissue, glass, chunk, p),
                                 positions))
         log(f"choosing the {choice.name} quality for level-0 tissue SSIM {target_ssim} on "
