@@ -54,6 +54,13 @@ class Calibration:
                 "ssim": round(self.ssim, 5), "reached": self.reached, "chunks": self.chunks,
                 "tried": {str(q): round(s, 5) for q, s in sorted(self.tried.items())}}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> Calibration:
+        """The inverse of :meth:`as_dict` (a store's ``settings.quality_choice``)."""
+        return cls(float(d["target_ssim"]), int(d["quality"]), float(d["ssim"]),
+                   bool(d["reached"]), int(d["chunks"]),
+                   {int(q): float(v) for q, v in dict(d.get("tried", {})).items()})
+
 
 @dataclass(frozen=True)
 class _SampleChunk:

@@ -117,9 +117,7 @@ def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, targe
                     ) -> Calibration:
     """The slide's quality for ``target``; a resumed run keeps the interrupted run's."""
     if earlier and earlier.get("target_ssim") == target:
-        return Calibration(target, int(earlier["quality"]), float(earlier["ssim"]),
-                           bool(earlier["reached"]), int(earlier["chunks"]),
-                           {int(q): float(v) for q, v in earlier.get("tried", {}).items()})
+        return Calibration.from_dict(earlier)
     return choose_quality(info, tissue, options.glass, options.chunk,
                           codec_choice(options.codec), target, options.workers, log)
 
