@@ -282,3 +282,51 @@ def test_a_gain_codes_the_latent_on_a_finer_or_coarser_grid():
         _, means = model.h_s(torch.round(z - medians) + medians).chunk(2, 1)
     steps = (captured["y_hat"] - means) * gain
     assert torch.allclose(steps, torch.round(steps), atol=1e-4)
+
+
+def test_a_release_becomes_a_checkpoint_that_exports_back_and_trains(tmp_path, monkeypatch,
+                                                                     he_tile, data_root):
+    """Checkpoints are not released: ``from-release`` rebuilds one from he-mshl-v3's model
+    file. Exported again with the release's gains, it has the release's transforms and
+    integer hyper-synthesis exactly, a hyper-latent prior fitted to the release's tables,
+    codes a real tile within a few bytes of the release, and a run starts from it."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from numcodecs_dlwsi.train.from_release import checkpoint_from_release
+
+    release = resolve("he-mshl-v3", 11)
+    state, excess = checkpoint_from_release(release, prior_steps=300)
+    assert 0 <= excess < 0.01  # bits per hyper-latent symbol above the tables' entropy
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(state, run / "checkpoint.pt")
+    gains = load(release).meta["gains"]
+    weights = tmp_path / "weights"
+    export_model(run / "checkpoint.pt", weights, "he-rebuilt-v3", 1, gains=gains,
+                 data_root=data_root)
+    monkeypatch.setenv("DLWSI_WEIGHTS", str(weights))
+    rebuilt, original = load(resolve("he-rebuilt-v3", 11)), load(release)
+    for graph in ("analysis_onnx", "synthesis_onnx"):
+        ours, theirs = (
+            {i.name: numpy_helper.to_array(i) for i in onnx.load_from_string(
+                getattr(m, graph)).graph.initializer
+             if i.name.endswith((".weight", ".bias", ".beta", ".gamma"))}
+            for m in (rebuilt, original))  # the trained parameters, not export constants
+        assert ours.keys() == theirs.keys() and len(theirs) >= 10
+        assert all(np.array_equal(ours[name], theirs[name]) for name in theirs)
+    for a, b in zip(rebuilt.hyper_synthesis.layers, original.hyper_synthesis.layers,
+                    strict=True):
+        assert np.array_equal(a.weight, b.weight) and np.array_equal(a.bias, b.bias)
+    assert np.array_equal(rebuilt.z_medians_fixed, original.z_medians_fixed)
+    assert [t.lo for t in rebuilt.z_tables] == [t.lo for t in original.z_tables]
+    sizes = [len(image_codec.encode_batch([he_tile], resolve(m, 11))[0])
+             for m in ("he-rebuilt-v3", "he-mshl-v3")]
+    assert abs(sizes[0] - sizes[1]) < 0.002 * sizes[1]
+    config = TrainConfig(lmbda=0.15, steps=1, batch=2, crop=128, M=192, N=64, hyper=96,
+                         hyper_kernel=1, analysis=128, ssim_weight=0.5, lr=1e-5,
+                         init=str(run / "checkpoint.pt"))
+    train(tmp_path / "continued", config, log_every=1, val_every=100, data_root=data_root)
+    log = json.loads((tmp_path / "continued" / "log.jsonl").read_text().splitlines()[-1])
+    assert log["step"] == 1 and 30 < log["psnr"] < 50  # the release's quality, not noise

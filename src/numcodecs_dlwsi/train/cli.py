@@ -81,6 +81,17 @@ def _parser() -> argparse.ArgumentParser:
     pack.add_argument("--seed", type=int, default=0)
     pack.add_argument("--data", type=Path, help="shared data folder (default ../shared/data)")
 
+    release = sub.add_parser(
+        "from-release",
+        help="rebuild a training checkpoint from a released model file",
+        description="Write a checkpoint of a released network (transforms exactly, "
+                    "hyper-synthesis from its integer layers, hyper-latent prior fitted to "
+                    "its tables) to start a new run from with 'train --init'. Checkpoints "
+                    "are not released, so this is how training continues a release.",
+    )
+    release.add_argument("model", help="released model id, e.g. he-mshl-v3")
+    release.add_argument("out", type=Path, help="checkpoint file to write (.pt)")
+
     export = sub.add_parser(
         "export",
         help="export a run's checkpoint as a released model file",
@@ -160,6 +171,18 @@ def main(argv: list[str] | None = None) -> int:
                              jpeg_recompress=args.jpeg_recompress)
         train(args.run, config, data_root=args.data, device=args.device, amp=args.amp,
               minutes=args.minutes, data_pack=args.data_pack, overrides=overrides)
+        return 0
+    if args.command == "from-release":
+        from ..model_store import ModelNotAvailableError, resolve
+        from .from_release import write_checkpoint_from_release
+
+        try:
+            excess = write_checkpoint_from_release(resolve(args.model, None), args.out)
+        except (ModelNotAvailableError, ValueError, FileExistsError) as error:
+            print(f"dlwsi-train from-release: {error}", file=sys.stderr)
+            return 2
+        print(f"{args.out}: {args.model}'s network; hyper-latent prior fitted to its tables "
+              f"within {excess:.2e} bits per symbol")
         return 0
     from .export import export_model
 
