@@ -13,11 +13,14 @@ the curves are close to straight.
     python benchmarks/rd.py --source-jpeg 30 --json docs/rd_source_jpeg30.json
                        # tiles as a JPEG-30 scanner stored them, the source to match
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb   # as Aperio does (CMU-1)
+    python benchmarks/rd.py --source-jpeg 30 --source-layout rgb --lattice
+                       # every codec's decoded tiles through the JPEG lattice filter
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import sys
@@ -31,6 +34,7 @@ from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter
 
 from numcodecs_dlwsi import image_codec
+from numcodecs_dlwsi.jpeg_lattice import JpegLattice, snap
 from numcodecs_dlwsi.model_store import default_model, qualities, resolve
 from numcodecs_dlwsi.train.data import (
     JPEG_LAYOUTS,
@@ -178,12 +182,32 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _dlwsi_curve(tiles: np.ndarray, model: str) -> list[dict]:
+def _unchanged(image: np.ndarray) -> np.ndarray:
+    return image
+
+
+def source_lattice(quality: int, layout: str) -> JpegLattice:
+    """The lattice of tiles stored by ``jpeg_round_trip(quality, layout)``, from the JPEG
+    headers libjpeg writes with those settings (the tables depend on nothing else)."""
+    from ngff_convert.jpeg_source import lattice_config
+
+    tile = np.full((16, 16, 3), 128, np.uint8)
+    if layout == "rgb":
+        encoded = imagecodecs.jpeg_encode(tile, level=quality, colorspace="RGB",
+                                          outcolorspace="RGB")
+    else:
+        encoded = imagecodecs.jpeg_encode(tile, level=quality, subsampling=layout[-3:])
+    return JpegLattice.from_dict(lattice_config([encoded], "rgb" if layout == "rgb"
+                                                else "ycbcr"))
+
+
+def _dlwsi_curve(tiles: np.ndarray, model: str,
+                 restore: Callable[[np.ndarray], np.ndarray] = _unchanged) -> list[dict]:
     points = []
     for quality in qualities(model):
         ref = resolve(model, quality)
         point = measure(tiles, lambda t, r=ref: image_codec.encode_batch([t], r)[0],
-                        image_codec.decode)
+                        lambda b: restore(image_codec.decode(b)))
         points.append(dict(point, setting=quality, sha256=ref.sha256))
     return points
 
@@ -241,6 +265,10 @@ def main() -> int:
                              "4:2:0 chroma (CMU-1's scanner: 30), and measure every codec "
                              "against those pixels, as ngff-convert verify measures a slide "
                              "against its source file")
+    parser.add_argument("--lattice", action="store_true",
+                        help="with --source-jpeg: pass every codec's decoded tiles through the "
+                             "dlwsi_jpeg_lattice filter with the source's tables, as "
+                             "ngff-convert does on level 0 of a JPEG slide")
     parser.add_argument("--source-layout", choices=list(JPEG_LAYOUTS), default="ycbcr420",
                         help="the scanner's JPEG layout for --source-jpeg: YCbCr 4:2:0 "
                              "(most scanners) or RGB, each channel coded on its own (Aperio; "
@@ -248,6 +276,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.source_jpeg is not None and not 1 <= args.source_jpeg <= 100:
         parser.error("--source-jpeg must be a JPEG quality, 1-100")
+    if args.lattice and args.source_jpeg is None:
+        parser.error("--lattice needs --source-jpeg (the lattice is the source's)")
     root = args.data or default_data_root()
     if not (root / "he").is_dir():
         print(f"rd: no H&E data at {root}", file=sys.stderr)
@@ -261,11 +291,16 @@ def main() -> int:
     source = (None if args.source_jpeg is None
               else args.source_jpeg if args.source_layout == "ycbcr420"
               else f"{args.source_jpeg} {args.source_layout}")
+    restore: Callable[[np.ndarray], np.ndarray] = _unchanged
+    if args.lattice:
+        restore = functools.partial(snap, lattice=source_lattice(args.source_jpeg,
+                                                                 args.source_layout))
+        source = f"{source} lattice"
     results: dict = {"tiles": int(len(tiles)), "source_jpeg": source, "dlwsi": {},
                      "baselines": {}, "bd_rate": {},
                      "machine": platform.processor() or platform.machine()}
     for model in args.model or [default_model()]:
-        results["dlwsi"][model] = _dlwsi_curve(tiles, model)
+        results["dlwsi"][model] = _dlwsi_curve(tiles, model, restore)
     if args.baselines_from:
         earlier = _earlier_run(args.baselines_from)
         if isinstance(earlier, str):
@@ -284,7 +319,8 @@ def main() -> int:
     else:
         for name, (settings, make_encoder, decode) in baselines().items():
             results["baselines"][name] = [
-                dict(measure(tiles, make_encoder(s), decode), setting=s) for s in settings]
+                dict(measure(tiles, make_encoder(s), lambda b, d=decode: restore(d(b))),
+                     setting=s) for s in settings]
     for name, points in {**results["dlwsi"], **results["baselines"]}.items():
         results["bd_rate"][name] = {
             ref: {m: bd_rate(points, curve, m) for m in ("ssim", "psnr")}

@@ -11,10 +11,13 @@ conversion speed in megapixels (all levels) per second.
         --codecs jpeg dlwsi --glass keep fill          # a quick subset
     python benchmarks/slides.py --json results.json
     python benchmarks/slides.py --target-ssim 0.95 --glass fill   # every codec at one bar
+    python benchmarks/slides.py --jpeg-lattice auto off   # with and without the lattice
 
 With ``--target-ssim S`` every codec converts with ``--target-ssim S`` (the quality
 chosen for level-0 tissue SSIM S as ``verify`` measures it) instead of its default
 setting, so the codecs meet the same quality bar and the sizes compare directly.
+``--jpeg-lattice auto off`` converts each combination with level 0's JPEG lattice filter
+(the converter's default for JPEG slides) and without it.
 
 This is long on CPU (dlwsi encodes ~3 chunks/s/core); run it on a quiet machine.
 """
@@ -57,64 +60,74 @@ def cli(*args: object) -> list[str]:
 
 
 def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
-          workdir: Path, target_ssim: float | None = None) -> list[dict]:
+          workdir: Path, target_ssim: float | None = None,
+          lattices: tuple[str, ...] = ("auto",)) -> list[dict]:
     rows = []
+    combinations = [(glass, codec, lattice) for glass in glass_modes for lattice in lattices
+                    for codec in codecs]
     for rel in slides:
         src = SLIDES / rel
-        for glass in glass_modes:
-            for codec in codecs:
-                store = workdir / f"{Path(rel).stem}-{codec}-{glass}.zarr"
-                args = [src, store, "--codec", codec, "--glass", glass, "--overwrite",
-                        "--no-progress"]
-                if workers:
-                    args += ["--workers", workers]
-                if target_ssim is not None:
-                    args += ["--target-ssim", target_ssim]
-                conv, seconds, peak = run_measured(cli(*args))
-                if conv.returncode != 0:
-                    print(f"# {rel} {codec} {glass}: {conv.stderr.strip()}", file=sys.stderr)
-                    continue
-                info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
-                                                 capture_output=True, text=True).stdout)
-                ver = json.loads(subprocess.run(cli("verify", src, store, "--json",
-                                                    "--no-progress"), check=True,
-                                                capture_output=True, text=True).stdout)
-                level0 = ver["levels"][0]
-                megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
-                rows.append({
-                    "slide": rel, "codec": codec, "glass": glass,
-                    "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
-                    "objects": info["objects"],
-                    "ssim_tissue": level0["ssim_tissue"], "psnr_tissue": level0["psnr_tissue"],
-                    "ssim_all": level0["ssim_all"], "seconds": seconds,
-                    "megapixels": megapixels, "mp_per_s": megapixels / seconds,
-                    "peak_rss_bytes": peak, "tissue": info.get("tissue"),
-                    "chosen_quality": info["quality_choice"]["quality"]
-                    if info.get("quality_choice") else None,
-                })
+        for glass, codec, lattice in combinations:
+            store = workdir / f"{Path(rel).stem}-{codec}-{glass}-{lattice}.zarr"
+            args = [src, store, "--codec", codec, "--glass", glass, "--overwrite",
+                    "--no-progress", "--jpeg-lattice", lattice]
+            if workers:
+                args += ["--workers", workers]
+            if target_ssim is not None:
+                args += ["--target-ssim", target_ssim]
+            conv, seconds, peak = run_measured(cli(*args))
+            if conv.returncode != 0:
+                print(f"# {rel} {codec} {glass}: {conv.stderr.strip()}", file=sys.stderr)
+                continue
+            info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
+                                             capture_output=True, text=True).stdout)
+            ver = json.loads(subprocess.run(cli("verify", src, store, "--json",
+                                                "--no-progress"), check=True,
+                                            capture_output=True, text=True).stdout)
+            level0 = ver["levels"][0]
+            megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
+            rows.append({
+                "slide": rel, "codec": codec, "glass": glass,
+                "jpeg_lattice": info.get("jpeg_lattice") if lattice == "auto" else "off",
+                "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
+                "objects": info["objects"],
+                "ssim_tissue": level0["ssim_tissue"], "psnr_tissue": level0["psnr_tissue"],
+                "ssim_all": level0["ssim_all"], "seconds": seconds,
+                "megapixels": megapixels, "mp_per_s": megapixels / seconds,
+                "peak_rss_bytes": peak, "tissue": info.get("tissue"),
+                "chosen_quality": info["quality_choice"]["quality"]
+                if info.get("quality_choice") else None,
+            })
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    jpeg = {(r["slide"], r["glass"]): r["stored_bytes"] for r in rows if r["codec"] == "jpeg"}
-    lines = [f"{'slide':<34} {'glass':<5} {'codec':<7} {'stored MiB':>10} {'vs source':>9} "
+    def lattice(r: dict) -> str:
+        return "-" if r.get("jpeg_lattice") in (None, "off") or r["jpeg_lattice"].startswith(
+            "none") else "yes"
+
+    jpeg = {(r["slide"], r["glass"], lattice(r)): r["stored_bytes"] for r in rows
+            if r["codec"] == "jpeg"}
+    lines = [f"{'slide':<34} {'glass':<5} {'lattice':<7} {'codec':<7} {'stored MiB':>10} "
+             f"{'vs source':>9} "
              f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"
              "  chosen quality"]
     for r in rows:
         vs_src = 1 - r["stored_bytes"] / r["source_bytes"]
-        ref = jpeg.get((r["slide"], r["glass"]))
+        ref = jpeg.get((r["slide"], r["glass"], lattice(r)))
         vs_jpeg = f"{1 - r['stored_bytes'] / ref:+.0%}" if ref else "-"
         # no tissue at all (an all-glass slide): the whole image's SSIM, marked *
         ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
         psnr = "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}"
         lines.append(
-            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {r['codec']:<7} "
+            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} {r['codec']:<7} "
             f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
             f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
             + (f"  {r['chosen_quality']}" if r.get("chosen_quality") is not None else ""))
     lines.append("vs source / vs JPEG: size reduction (positive = smaller). SSIM/PSNR: level 0, "
                  "tissue pixels (* all pixels: no tissue), vs the source.\n"
-                 "MP/s: all levels' pixels / wall time.")
+                 "MP/s: all levels' pixels / wall time. lattice: level 0 has the JPEG "
+                 "lattice filter.")
     return "\n".join(lines)
 
 
@@ -131,6 +144,8 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--target-ssim", type=float, default=None, metavar="S",
                    help="convert with every codec at --target-ssim S instead of its default")
+    p.add_argument("--jpeg-lattice", nargs="+", default=["auto"], choices=["auto", "off"],
+                   help="the converter's --jpeg-lattice; several: each combination with each")
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
@@ -138,7 +153,7 @@ def main() -> None:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
-                     args.target_ssim)
+                     args.target_ssim, tuple(args.jpeg_lattice))
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

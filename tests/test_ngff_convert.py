@@ -163,8 +163,48 @@ def test_verify_default_quality_ssim(slides, default_stores, rel):
     assert choice["ssim"] == pytest.approx(level0["ssim_tissue"], abs=1e-3)
     for k in range(len(report["levels"])):
         meta = json.loads((default_stores[rel] / str(k) / "zarr.json").read_text())
-        assert meta["codecs"][0]["configuration"]["codecs"][0]["configuration"][
-            "quality"] == choice["quality"]
+        inner = {c["name"]: c for c in meta["codecs"][0]["configuration"]["codecs"]}
+        assert inner["dlwsi"]["configuration"]["quality"] == choice["quality"]
+
+
+def _inner_codecs(store: Path, level: int) -> list[str]:
+    meta = json.loads((store / str(level) / "zarr.json").read_text())
+    return [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
+
+
+def test_jpeg_slide_gets_the_lattice_filter_on_level_0_only(slides, default_stores):
+    """CMU-1 is Aperio RGB JPEG: level 0 (the scanner's pixels) gets the lattice filter
+    before dlwsi; the converter's own downsampled levels are on no JPEG lattice. The
+    JPEG 2000 slide gets none."""
+    store = default_stores[CMU]
+    assert _inner_codecs(store, 0) == ["dlwsi_jpeg_lattice", "dlwsi"]
+    assert all(_inner_codecs(store, k) == ["dlwsi"] for k in (1, 2, 3))
+    settings = json.loads((store / "zarr.json").read_text())["attributes"][
+        "ngff_convert"]["settings"]
+    assert settings["jpeg_lattice"]["color"] == "rgb"
+    assert settings["jpeg_lattice"]["tables"][0][:4] == [27, 18, 17, 27]
+    assert "level 0 is JPEG (RGB, DC step 27)" in settings["jpeg_lattice_note"]
+    assert "JPEG lattice: level 0 is JPEG (RGB" in run_cli("info", store).stdout
+    assert _inner_codecs(default_stores[TCGA], 0) == ["dlwsi"]
+    tcga = json.loads((default_stores[TCGA] / "zarr.json").read_text())["attributes"][
+        "ngff_convert"]["settings"]
+    assert tcga["jpeg_lattice"] is None and "not JPEG" in tcga["jpeg_lattice_note"]
+
+
+def test_the_lattice_lets_a_lower_rung_reach_the_target(slides, default_stores, tmp_path):
+    """Without the filter the same slide needs a higher rung, and more bytes, for the
+    same level-0 tissue SSIM (docs/converter.md has the figures)."""
+    off = tmp_path / "off.zarr"
+    proc = run_cli(slides / CMU, off, "--jpeg-lattice", "off", "--no-progress")
+    assert "JPEG lattice" not in proc.stderr
+    assert _inner_codecs(off, 0) == ["dlwsi"]
+    with_lattice = json.loads(run_cli("info", default_stores[CMU], "--json").stdout)
+    without = json.loads(run_cli("info", off, "--json").stdout)
+    assert without["jpeg_lattice"] == "off (--jpeg-lattice off)"
+    assert without["quality_choice"]["quality"] > with_lattice["quality_choice"]["quality"]
+    assert without["levels"][0]["stored_bytes"] > 1.15 * with_lattice["levels"][0][
+        "stored_bytes"]
+    assert without["quality_choice"]["ssim"] >= 0.95
 
 
 def test_target_ssim_chooses_the_lowest_quality_reaching_it(slides, tmp_path):
@@ -195,7 +235,7 @@ def test_rate_control_picks_a_rung_per_chunk(slides, tmp_path):
     store = tmp_path / "rc.zarr"
     run_cli(slides / CMU, store, "--chunk-ssim", "0.94", "--shard", "1", "--no-progress")
     meta = json.loads((store / "0" / "zarr.json").read_text())
-    config = meta["codecs"][0]["configuration"]
+    config = next(c for c in meta["codecs"] if c["name"] == "dlwsi")["configuration"]
     assert config["target_ssim"] == 0.94
     rungs = [bitstream.unpack(path.read_bytes())[0].quality
              for path in (store / "0" / "c").rglob("*") if path.is_file()]
@@ -310,6 +350,9 @@ def test_ngff_04_zarr_v2(slides, tmp_path):
     zarray = json.loads((store / "0" / ".zarray").read_text())
     assert zarray["dimension_separator"] == "/"
     assert zarray["compressor"]["id"] == "dlwsi" and zarray["compressor"]["quality"] == 3
+    # CMU-1 is JPEG: level 0 has the lattice filter, as a numcodecs filter
+    assert [f["id"] for f in zarray["filters"]] == ["dlwsi_jpeg_lattice"]
+    assert json.loads((store / "1" / ".zarray").read_text())["filters"] is None
     assert zarray["fill_value"] == 255
     # chunks stored under v2 keys with "/" (0/<c>/<y>/<x>), the glass ones left out
     keys = [p.relative_to(store / "0").parts for p in (store / "0").rglob("*") if p.is_file()

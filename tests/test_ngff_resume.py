@@ -88,4 +88,7 @@ def test_resume_with_other_settings_is_refused(slides, tmp_path):
                          text=True)
     assert bad.returncode != 0 and "different settings" in bad.stderr
     assert "glass was 'fill', now 'keep'" in bad.stderr  # says which option differs
-    assert len(bad.stderr.strip().splitlines()) == 1
+    # one error line, last (after the log of what was found in the slide)
+    lines = bad.stderr.strip().splitlines()
+    assert [line.startswith("ngff-convert: error") for line in lines].count(True) == 1
+    assert lines[-1].startswith("ngff-convert: error")

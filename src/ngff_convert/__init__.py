@@ -3,8 +3,11 @@
 Modules, one concept each:
 
 - :mod:`ngff_convert.slide`    reading slides through OpenSlide
+- :mod:`ngff_convert.jpeg_source`  the JPEG lattice of a slide's level 0, from its headers
 - :mod:`ngff_convert.tissue`   the tissue mask and glass handling
 - :mod:`ngff_convert.pyramid`  the dask pyramid (one task per output shard)
+- :mod:`ngff_convert.calibrate`  ``--target-ssim``: the slide's quality from a sample
+- :mod:`ngff_convert.fidelity` the SSIM ``verify`` and calibration share
 - :mod:`ngff_convert.ngff`     OME-NGFF 0.4 / 0.5 metadata, validated
 - :mod:`ngff_convert.codecs`   ``--codec`` names -> Zarr / numcodecs codec configurations
 - :mod:`ngff_convert.store`    output stores (paths, fsspec URLs) and array creation

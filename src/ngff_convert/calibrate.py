@@ -93,25 +93,28 @@ def _read_sample(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
     return _SampleChunk(np.ascontiguousarray(coded), source, in_tissue(tissue, y, x, h, w))
 
 
-def _round_trip(choice: CodecChoice, codec: object, chunk: np.ndarray, side: int
-                ) -> np.ndarray:
+def _round_trip(choice: CodecChoice, codec: object, chunk: np.ndarray, side: int,
+                restore: object | None = None) -> np.ndarray:
     """``chunk`` coded and decoded as Zarr does it: an edge chunk padded to the full
-    chunk shape with the fill value (white) first."""
+    chunk shape with the fill value (white) first, and the decoded chunk passed through
+    ``restore`` (level 0's JPEG lattice filter, if any)."""
     _, h, w = chunk.shape
     full = np.pad(chunk, ((0, 0), (0, side - h), (0, side - w)), constant_values=WHITE)
     image = np.ascontiguousarray(full.transpose(1, 2, 0)) if choice.channels_last else full
     decoded = np.asarray(codec.decode(codec.encode(image)))  # type: ignore[attr-defined]
     decoded = decoded.reshape(image.shape)
     decoded = decoded.transpose(2, 0, 1) if choice.channels_last else decoded
+    if restore is not None:
+        decoded = np.asarray(restore.decode(np.ascontiguousarray(decoded)))  # type: ignore[attr-defined]
     return decoded[:, :h, :w]
 
 
 def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], side: int,
-                 pool: ThreadPoolExecutor) -> float:
+                 pool: ThreadPoolExecutor, restore: object | None = None) -> float:
     codec = image_codec(choice, quality)
 
     def sums(chunk: _SampleChunk) -> tuple[float, int]:
-        ssim = ssim_map(_round_trip(choice, codec, chunk.coded, side), chunk.source)
+        ssim = ssim_map(_round_trip(choice, codec, chunk.coded, side, restore), chunk.source)
         return float(ssim[chunk.tissue].sum()), int(chunk.tissue.sum())
 
     totals = list(pool.map(sums, sample))
@@ -121,9 +124,12 @@ def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], 
 
 def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
                    choice: CodecChoice, target_ssim: float, workers: int | None = None,
-                   log: Callable[[str], None] = print) -> Calibration:
+                   log: Callable[[str], None] = print, restore: object | None = None
+                   ) -> Calibration:
     """The lowest quality of ``choice`` whose sampled level-0 tissue SSIM reaches
-    ``target_ssim`` (the highest quality, with ``reached`` False, when none does)."""
+    ``target_ssim`` (the highest quality, with ``reached`` False, when none does).
+    ``restore``: level 0's JPEG lattice filter, applied to every decoded chunk as the
+    store's reader will."""
     if not 0.0 < target_ssim < 1.0:
         raise ConvertError(f"--target-ssim must be between 0 and 1, got {target_ssim}")
     low, high = quality_range(choice)
@@ -141,7 +147,7 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
             f"{len(sample)} chunks")
         while low <= high:  # bisection for the lowest quality reaching the target
             middle = (low + high) // 2
-            tried[middle] = _sample_ssim(choice, middle, sample, chunk, pool)
+            tried[middle] = _sample_ssim(choice, middle, sample, chunk, pool, restore)
             log(f"  quality {middle}: tissue SSIM {tried[middle]:.4f}")
             if tried[middle] >= target_ssim:
                 chosen, high = middle, middle - 1

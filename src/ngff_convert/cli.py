@@ -84,6 +84,13 @@ def convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=int, default=4,
                    help="chunks per shard side for NGFF 0.5 (4: 2048-pixel shards); "
                         "1 disables sharding")
+    p.add_argument("--jpeg-lattice", choices=["auto", "off"], default="auto",
+                   help="auto (default): when level 0 of the slide is stored as JPEG (SVS, "
+                        "generic tiled TIFF) and its pixels check out against the JPEG "
+                        "headers' quantization tables, level 0 gets the dlwsi_jpeg_lattice "
+                        "filter, which snaps what the codec decodes back onto the source's "
+                        "JPEG lattice when it is read (higher fidelity for the same bytes, "
+                        "with every codec); off: never")
     p.add_argument("--associated", action="store_true",
                    help="also store label/macro/thumbnail images under associated/ "
                         "(off by default: labels and macros can show patient identifiers)")
@@ -171,6 +178,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         chunk_ssim=args.chunk_ssim, ngff=args.ngff,
         glass=Glass(args.glass),
         chunk=args.chunk, shard=args.shard, associated=args.associated,
+        jpeg_lattice=args.jpeg_lattice == "auto",
         mask=MaskParams(saturation=saturation, brightness=args.brightness_threshold,
                         min_area=args.min_tissue, dilate=args.mask_dilate),
         mask_out=args.mask_out, workers=args.workers, scheduler=args.scheduler,
@@ -211,6 +219,8 @@ def _run_info(args: argparse.Namespace) -> int:
         print(f"quality {choice['quality']} chosen for level-0 tissue SSIM "
               f"{choice['target_ssim']}: {choice['ssim']:.4f} on {choice['chunks']} sampled "
               "chunks" + ("" if choice["reached"] else " (the highest; target not reached)"))
+    if d.get("jpeg_lattice"):
+        print(f"JPEG lattice: {d['jpeg_lattice']}")
     print(f"total: {_mib(d['stored_bytes'])} stored in {d['objects']} objects, "
           f"{_mib(d['raw_bytes'])} raw"
           + (f", source file {_mib(src)} (stored = {d['stored_bytes'] / src:.1%} of it)"

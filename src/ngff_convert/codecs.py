@@ -138,6 +138,30 @@ def v2_compressor(choice: CodecChoice, quality: int | None, chunk_ssim: float | 
     return {"id": choice.numcodecs_id, **_params(choice, quality, chunk_ssim)}
 
 
+#: The filter that snaps a lossy copy of a JPEG-sourced level back onto the source's
+#: JPEG lattice when it is read (numcodecs-dlwsi's, found through the registries).
+JPEG_LATTICE_ID = "dlwsi_jpeg_lattice"
+
+
+def jpeg_lattice_codec(lattice: dict[str, Any]) -> Any:
+    """The lattice filter as a numcodecs codec, from the registry."""
+    import numcodecs
+
+    return numcodecs.get_codec({"id": JPEG_LATTICE_ID, **lattice})
+
+
+def with_jpeg_lattice(codecs: dict[str, Any], lattice: dict[str, Any] | None,
+                      zarr_format: int) -> dict[str, Any]:
+    """``codecs`` with the lattice filter first (level 0 of a JPEG-sourced slide): it
+    sees (3, H, W) chunks, before any transpose a channel-last codec needs."""
+    if lattice is None:
+        return codecs
+    if zarr_format == 3:
+        first = {"name": JPEG_LATTICE_ID, "configuration": lattice}
+        return {**codecs, "filters": [first, *(codecs.get("filters") or [])]}
+    return {**codecs, "filters": [jpeg_lattice_codec(lattice)]}
+
+
 _REGISTERED = False
 
 
@@ -190,6 +214,6 @@ def describe_v3(codecs: list[dict[str, Any]]) -> str:
             continue
         else:
             shown = {k: v for k, v in config.items() if k in ("quality", "level", "model",
-                                                                  "target_ssim")}
+                                                                  "target_ssim", "color")}
             parts.append(f"{name}{shown if shown else ''}")
     return " + ".join(parts) or "none"

@@ -21,15 +21,26 @@ import numpy as np
 import zarr
 
 from . import ConvertError, __version__, ngff
-from .calibrate import Calibration, choose_quality
-from .codecs import codec_choice, describe_v3, register_image_codecs, v2_compressor, v3_codecs
+from .calibrate import Calibration, choose_quality, sample_positions
+from .codecs import (
+    codec_choice,
+    describe_v3,
+    jpeg_lattice_codec,
+    register_image_codecs,
+    v2_compressor,
+    v3_codecs,
+    with_jpeg_lattice,
+)
 from .fidelity import in_tissue, ssim_map
+from .jpeg_source import MIN_CLOSE, SourceLattice, close_share, read_lattice
 from .pyramid import Layout, level_shapes, pyramid
-from .slide import SlideInfo, associated_image, open_slide
+from .slide import SlideInfo, associated_image, open_slide, read_rgb
 from .store import PROGRESS_KEY, Output, check_writable, create_level, open_output
 from .tissue import Glass, MaskParams, TissueMask, mask_downsample, preview, thumbnail, tissue_mask
 
 BATCH_SIZE = 16  # chunks per codec call: dlwsi encodes a batch at once
+#: level-0 tissue chunks on which a JPEG lattice read from the headers is checked
+LATTICE_CHECK_CHUNKS = 8
 
 
 @dataclass
@@ -43,6 +54,7 @@ class Options:
     chunk: int = 512
     shard: int = 4  # chunks per shard side (NGFF 0.5); 1 = no sharding
     associated: bool = False
+    jpeg_lattice: bool = True  # level 0 of a JPEG slide gets the lattice filter (jpeg_source)
     mask: MaskParams = field(default_factory=MaskParams)
     mask_out: str | None = None
     workers: int | None = None
@@ -79,14 +91,15 @@ def configure_zarr() -> None:
 
 
 def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any],
-              calibration: Calibration | None) -> dict[str, Any]:
+              calibration: Calibration | None, lattice: SourceLattice) -> dict[str, Any]:
     """What a --resume must match, and how the store was made (with --target-ssim,
-    ``quality_choice`` records the search)."""
+    ``quality_choice`` records the search; ``jpeg_lattice`` is level 0's lattice filter)."""
     settings = {
         "source": Path(info.path).name, "source_bytes": _source_bytes(info.path),
         "codec": options.codec, "codec_config": codec_config, "ngff": options.ngff,
         "glass": options.glass.value, "chunk": options.chunk,
         "shard": options.shard if options.ngff == "0.5" else 1, "mask": asdict(options.mask),
+        "jpeg_lattice": lattice.config, "jpeg_lattice_note": lattice.reason,
     }
     if calibration is not None:
         settings["quality_choice"] = calibration.as_dict()
@@ -113,13 +126,46 @@ def _target_ssim(options: Options) -> float | None:
 
 
 def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, target: float,
-                    earlier: dict[str, Any] | None, log: Callable[[str], None]
-                    ) -> Calibration:
+                    earlier: dict[str, Any] | None, lattice: SourceLattice,
+                    log: Callable[[str], None]) -> Calibration:
     """The slide's quality for ``target``; a resumed run keeps the interrupted run's."""
     if earlier and earlier.get("target_ssim") == target:
         return Calibration.from_dict(earlier)
+    restore = jpeg_lattice_codec(lattice.config) if lattice.config is not None else None
     return choose_quality(info, tissue, options.glass, options.chunk,
-                          codec_choice(options.codec), target, options.workers, log)
+                          codec_choice(options.codec), target, options.workers, log,
+                          restore=restore)
+
+
+def _level0_lattice(info: SlideInfo, tissue: TissueMask, options: Options,
+                    log: Callable[[str], None]) -> SourceLattice:
+    """Level 0's JPEG lattice, read from the slide's headers and checked on its pixels:
+    snapping the source itself must leave it (nearly) unchanged."""
+    if not options.jpeg_lattice:
+        return SourceLattice(None, "off (--jpeg-lattice off)")
+    found = read_lattice(info.path, info.vendor, info.width, info.height)
+    if found.config is None:
+        log(f"JPEG lattice: none ({found.reason})")
+        return found
+    try:
+        codec = jpeg_lattice_codec(found.config)
+    except Exception as exc:  # noqa: BLE001 - an older numcodecs-dlwsi, say
+        return SourceLattice(None, f"{found.reason}, but the dlwsi_jpeg_lattice codec is "
+                                   f"unavailable: {_one_line(exc)}")
+    chunk = options.chunk
+    sources = [read_rgb(info, x, y, min(chunk, info.width - x), min(chunk, info.height - y))
+               for y, x in sample_positions(info, tissue, chunk, LATTICE_CHECK_CHUNKS)]
+    share = close_share(codec, sources)
+    if share < MIN_CLOSE:
+        reason = (f"{found.reason}, but snapping its pixels moves {1 - share:.0%} of them "
+                  "by more than a grey level (not a JPEG decoder's output with these "
+                  "tables on this grid): not used")
+        log(f"JPEG lattice: {reason}")
+        return SourceLattice(None, reason)
+    reason = (f"{found.reason}; snapping its pixels moves {1 - share:.1%} of them by more "
+              "than a grey level")
+    log(f"JPEG lattice: {reason}; level 0 gets the dlwsi_jpeg_lattice filter")
+    return SourceLattice(found.config, reason)
 
 
 def _codec_config(options: Options) -> dict[str, Any]:
@@ -191,13 +237,17 @@ def convert(source: str, target: str, options: Options,
     layout = Layout(options.chunk, chunks_per_block)
     shapes = level_shapes(info.height, info.width, options.chunk)
     names = [str(i) for i in range(len(shapes))]
+    lattice = _level0_lattice(info, tissue, options, log)
     calibration = None
     if target_ssim is not None:
         earlier = state.get("settings", {}).get("quality_choice") if resuming and state else None
-        calibration = _chosen_quality(info, tissue, options, target_ssim, earlier, log)
+        calibration = _chosen_quality(info, tissue, options, target_ssim, earlier, lattice,
+                                      log)
         options = replace(options, quality=calibration.quality)
         codecs = _codec_config(options)
-    settings = _settings(info, options, codecs, calibration)
+    settings = _settings(info, options, codecs, calibration, lattice)
+    level_codecs = [with_jpeg_lattice(codecs, lattice.config, zarr_format) if k == 0
+                    else codecs for k in range(len(shapes))]
     if resuming:
         group = zarr.open_group(out.store, mode="r+")
         old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
@@ -208,8 +258,8 @@ def convert(source: str, target: str, options: Options,
             raise ConvertError(f"{out.url}: --resume with different settings than the "
                                f"interrupted run: {'; '.join(different)}")
         # a run killed while it was creating the level arrays left only some of them
-        arrays = [_level_or_create(group, name, shape, options, zarr_format, codecs)
-                  for name, shape in zip(names, shapes, strict=True)]
+        arrays = [_level_or_create(group, name, shape, options, zarr_format, chain)
+                  for name, shape, chain in zip(names, shapes, level_codecs, strict=True)]
     else:
         try:
             group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
@@ -218,7 +268,8 @@ def convert(source: str, target: str, options: Options,
                                                                "version": __version__}})
             arrays = [create_level(group, name, shape, options.chunk,
                                    options.shard if zarr_format == 3 else 1, zarr_format,
-                                   codecs) for name, shape in zip(names, shapes, strict=True)]
+                                   chain)
+                      for name, shape, chain in zip(names, shapes, level_codecs, strict=True)]
         except Exception as exc:  # noqa: BLE001
             raise ConvertError(f"{out.url}: cannot create the store: {_one_line(exc)}") from None
 
@@ -457,7 +508,8 @@ def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str
             codec = describe_v3([c.to_dict() for c in arr.metadata.codecs])
         else:
             comp = arr.metadata.compressor
-            codec = str(comp.get_config() if comp is not None else None)
+            codec = " + ".join([f.codec_id for f in arr.metadata.filters or []]
+                               + [str(comp.get_config() if comp is not None else None)])
         levels.append({
             "path": ds["path"], "shape": list(arr.shape), "chunks": list(arr.chunks),
             "shards": list(arr.shards) if arr.shards else None, "codec": codec,
@@ -476,6 +528,7 @@ def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str
         "glass": state.get("settings", {}).get("glass"),
         "tissue": state.get("tissue"),
         "quality_choice": state.get("settings", {}).get("quality_choice"),
+        "jpeg_lattice": state.get("settings", {}).get("jpeg_lattice_note"),
     }
 
 
@@ -617,7 +670,7 @@ def _source_bytes(path: str) -> int:
 
 #: What an interrupted conversion and its --resume must agree on.
 RESUME_SETTINGS = ("codec", "codec_config", "ngff", "glass", "chunk", "shard", "mask",
-                   "source", "source_bytes")
+                   "source", "source_bytes", "jpeg_lattice")
 
 
 def _changed_settings(old: Any, new: Any, name: str = "") -> list[str]:

@@ -1,4 +1,5 @@
-"""numcodecs adapter (Zarr v2 compressor, ``numcodecs.get_codec({"id": "dlwsi"})``)."""
+"""numcodecs adapters (Zarr v2): the ``dlwsi`` compressor and the ``dlwsi_jpeg_lattice``
+filter, ``numcodecs.get_codec({"id": "dlwsi"})``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from numcodecs.compat import ensure_contiguous_ndarray, ensure_ndarray_like, nda
 
 from .codec_config import CodecConfig
 from .image_codec import decode_batch, encode_batch
+from .jpeg_lattice import DEFAULT_TOLERANCE, JpegLattice, snap_image
 
 
 class Dlwsi(Codec):
@@ -51,3 +53,44 @@ class Dlwsi(Codec):
 
     def __repr__(self) -> str:
         return f"Dlwsi(quality={self.quality}, model={self.model!r})"
+
+
+class DlwsiJpegLattice(Codec):
+    """Filter for chunks of a JPEG-sourced image: decoding snaps the pixels that the
+    compressor returns back onto the source's JPEG lattice (``jpeg_lattice.snap``);
+    encoding passes chunks through unchanged. Works with any lossy compressor whose
+    chunks start on the source's 8x8 block grid and decode to (3, H, W) or (H, W, 3).
+
+    Parameters
+    ----------
+    color : {"rgb", "ycbcr"}
+        How the source JPEG formed its colour planes.
+    tables : list of three lists of 64 int
+        Quantization tables of the planes, natural (row-major) order.
+    subsampled : bool
+        The source's chroma planes were subsampled (only Y is snapped).
+    tolerance : float
+        Coefficients within this many steps of a lattice point are snapped.
+    """
+
+    codec_id = "dlwsi_jpeg_lattice"
+
+    def __init__(self, color: str, tables: list, subsampled: bool = False,
+                 tolerance: float = DEFAULT_TOLERANCE) -> None:
+        self.lattice = JpegLattice.from_dict({"color": color, "tables": tables,
+                                              "subsampled": subsampled,
+                                              "tolerance": tolerance})
+
+    def encode(self, buf: object) -> object:
+        return buf
+
+    def decode(self, buf: object, out: object = None) -> np.ndarray:
+        image = snap_image(ensure_ndarray_like(buf), self.lattice)
+        return ndarray_copy(image, out) if out is not None else image
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, **self.lattice.as_dict()}
+
+    def __repr__(self) -> str:
+        return (f"DlwsiJpegLattice(color={self.lattice.color!r}, "
+                f"subsampled={self.lattice.subsampled})")
