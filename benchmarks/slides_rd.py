@@ -19,6 +19,11 @@ the default of sessions 8-9).
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
     DLWSI_WEIGHTS=/tmp/candidate python benchmarks/slides_rd.py --curves dlwsi \
         --baselines-from docs/slides_rd.json        # screen a candidate (its own default)
+    python benchmarks/slides_rd.py --curves jpegxl avif dlwsi --jpeg-lattice auto off
+                       # each curve with level 0's JPEG lattice filter (auto) and without it
+
+Curves without the filter are named ``<curve>/off`` and compared with references without
+it; on slides that are not JPEG the two are the same conversion.
 
 Long on CPU: every point is a full conversion plus a verify.
 """
@@ -41,7 +46,8 @@ SWEEPS: dict[str, list[list[str]]] = {
     "jpeg": [["--codec", "jpeg", "--quality", q] for q in ("50", "65", "80", "90", "95")],
     "jpegxl": [["--codec", "jpegxl", "--quality", q] for q in ("40", "55", "70", "80", "90")],
     "avif": [["--codec", "avif", "--quality", q] for q in ("30", "45", "60", "70", "80")],
-    "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("3", "4", "5", "6", "7")],
+    # he-mshl-v3's ladder (13 rungs; v2's 7 were swept as 3-7 until session 10)
+    "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("5", "7", "9", "11", "13")],
     "dlwsi-target": [["--codec", "dlwsi", "--target-ssim", s]
                      for s in ("0.92", "0.93", "0.94", "0.95", "0.96")],
     "dlwsi-rc": [["--codec", "dlwsi", "--chunk-ssim", s]
@@ -63,23 +69,27 @@ def point(src: Path, store: Path, args: list[str], workers: int | None) -> dict 
     report = json.loads(subprocess.run(cli("verify", src, store, "--json", "--no-progress"),
                                        check=True, capture_output=True, text=True).stdout)
     level0 = report["levels"][0]
-    return {"setting": " ".join(args[2:]), "stored_bytes": report["stored_bytes"],
+    return {"setting": " ".join(args[2:4]), "stored_bytes": report["stored_bytes"],
             "source_bytes": report["source_bytes"], "ssim": level0["ssim_tissue"],
             "psnr": level0["psnr_tissue"], "seconds": seconds,
             # bd_rate works on log(rate); any rate proportional to the store's bytes will do
             "bpp": report["stored_bytes"] * 8 / (level0["shape"][1] * level0["shape"][2])}
 
 
-def sweep(slides: list[str], curves: list[str], workers: int | None, workdir: Path
-          ) -> dict[str, dict[str, list[dict]]]:
+def sweep(slides: list[str], curves: list[str], workers: int | None, workdir: Path,
+          lattices: tuple[str, ...] = ("auto",)) -> dict[str, dict[str, list[dict]]]:
     results: dict[str, dict[str, list[dict]]] = {}
+    runs = [(curve, lattice) for lattice in lattices for curve in curves]
     for rel in slides:
         src = SLIDES / rel
         results[rel] = {}
-        for curve in curves:
+        for base, lattice in runs:
+            curve = base if lattice == "auto" else f"{base}/{lattice}"
             points = []
-            for i, args in enumerate(SWEEPS[curve]):
-                row = point(src, workdir / f"{Path(rel).stem}-{curve}-{i}.zarr", args, workers)
+            for i, args in enumerate(SWEEPS[base]):
+                args = [*args, "--jpeg-lattice", lattice]
+                row = point(src, workdir / f"{Path(rel).stem}-{base}-{lattice}-{i}.zarr",
+                            args, workers)
                 if row is not None:
                     points.append(row)
                     print(f"# {Path(rel).name} {curve} {row['setting']}: "
@@ -104,7 +114,8 @@ def report(results: dict[str, dict[str, list[dict]]]) -> str:
                      "SSIM / PSNR:")
         for curve, points in curves.items():
             cells = []
-            for ref in REFERENCES:
+            suffix = curve[curve.index("/"):] if "/" in curve else ""
+            for ref in (r + suffix for r in REFERENCES):
                 if ref == curve or ref not in curves:
                     continue
                 by = [bd_rate(points, curves[ref], metric) for metric in ("ssim", "psnr")]
@@ -130,6 +141,8 @@ def main() -> None:
     p.add_argument("--baselines-from", type=Path, metavar="JSON",
                    help="take the JPEG, JPEG-XL and AVIF curves this run does not sweep from "
                         "an earlier --json run (to screen a candidate model: --curves dlwsi)")
+    p.add_argument("--jpeg-lattice", nargs="+", default=["auto"], choices=["auto", "off"],
+                   help="the converter's --jpeg-lattice; with several, each curve with each")
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
@@ -139,7 +152,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        results = sweep(args.slides, args.curves, args.workers, workdir)
+        results = sweep(args.slides, args.curves, args.workers, workdir,
+                        tuple(args.jpeg_lattice))
     for rel, curves in results.items():  # only the classical references: an earlier
         # dlwsi curve came from another model and would read as this one's
         results[rel] = {**{name: points for name, points in earlier.get(rel, {}).items()

@@ -218,3 +218,38 @@ def test_generic_tiled_jpeg_tiff_in_ycbcr(he_image, tmp_path):
     codec = numcodecs.get_codec({"id": "dlwsi_jpeg_lattice", **found.config})
     assert close_share(codec, [read_rgb(info, 0, 0, 512, 512)]) > MIN_CLOSE
 
+
+
+#: The filter's output for a fixed input, pinned: stored chunks are read through it for
+#: years, so its arithmetic must never drift (docs/codec.md specifies it).
+GOLDEN_SNAP = {
+    ("rgb", False): "a93b15d6ee08bae6f802c03e8d3a39e08b8db4ea1861d50e04e79d9ca56489eb",
+    ("ycbcr", False): "f8d08a943e6a94ccc7006ce5a3a6585aaa6c48155963ee8a2fb6f87363ba2d7c",
+    ("ycbcr", True): "b3c4a8081babcb7ad742e9d36b22c01dcd2235b55d0947a1db0d421606e58455",
+}
+GOLDEN_PROGRAM = """
+import hashlib, json
+import numpy as np
+from numcodecs_dlwsi.jpeg_lattice import JpegLattice, snap
+tables = (tuple(range(1, 65)), tuple(range(2, 130, 2)), tuple(range(3, 195, 3)))
+x = np.random.default_rng(2026).integers(0, 256, (3, 64, 72), dtype=np.uint8)
+print(json.dumps({f"{c} {s}": hashlib.sha256(snap(x, JpegLattice(tables, c, s)).tobytes())
+                  .hexdigest() for c, s in (("rgb", False), ("ycbcr", False), ("ycbcr", True))}))
+"""
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_the_filter_is_bit_identical_whatever_the_blas_threads(threads):
+    """Exact integer arithmetic in float64: the same pixels with one BLAS thread or two
+    (a float32 version was not), and the same as when the format was fixed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads,
+           "MKL_NUM_THREADS": threads}
+    proc = subprocess.run([sys.executable, "-c", GOLDEN_PROGRAM], capture_output=True,
+                          text=True, env=env, timeout=120, check=True)
+    got = json.loads(proc.stdout)
+    assert got == {f"{c} {s}": digest for (c, s), digest in GOLDEN_SNAP.items()}

@@ -17,7 +17,6 @@ pixel is on the source's 8x8 block grid. The arithmetic is specified in docs/cod
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -41,19 +40,30 @@ def _dct_matrix() -> np.ndarray:
 #: The orthonormal 8-point DCT-II (JPEG's FDCT is this, applied to rows and columns).
 DCT = _dct_matrix()
 
-# JFIF's colour transform (ITU-T T.871) into YCbCr; back to RGB as libjpeg does it
-# (jdcolor.c: 16-bit fixed point, each chroma term rounded on its own), so that planes
-# snapped exactly onto the scanner's give back the scanner's pixels exactly.
-_TO_YCBCR = np.array([[0.299, 0.587, 0.114],
-                      [-0.168735892, -0.331264108, 0.5],
-                      [0.5, -0.418687589, -0.081312411]])
-_CHROMA_OFFSET = np.array([0.0, 128.0, 128.0])
-_SCALE_BITS = 16
-_HALF = 1 << (_SCALE_BITS - 1)
+# Fixed point. Every product and partial sum below is an integer under 2**53, which
+# float64 holds exactly, so BLAS computes the transforms exactly whatever its summation
+# order, blocking or threads: the filter's output is the same on every machine (as the
+# integer hyper-synthesis is; a float32 version differed with the BLAS thread count).
+#: planes carry 16 fractional bits (libjpeg's SCALEBITS)
+PLANE_BITS = 16
+#: the 2-D DCT matrix is rounded to 20 fractional bits (entries below 2**-2)
+DCT_BITS = 20
+#: coefficients enter the inverse transform with 12 fractional bits
+INVERSE_BITS = 12
+
+# JFIF's colour transform (ITU-T T.871) with libjpeg's 16-bit constants (jccolor.c and,
+# back to RGB, jdcolor.c, each chroma term rounded on its own), so that planes snapped
+# exactly onto the scanner's give back the scanner's pixels exactly.
+_HALF = 1 << (PLANE_BITS - 1)
 
 
 def _fixed(x: float) -> int:
-    return int(x * (1 << _SCALE_BITS) + 0.5)
+    return int(x * (1 << PLANE_BITS) + 0.5)
+
+
+_TO_YCBCR = np.array([[_fixed(0.29900), _fixed(0.58700), _fixed(0.11400)],
+                      [-_fixed(0.16874), -_fixed(0.33126), _fixed(0.50000)],
+                      [_fixed(0.50000), -_fixed(0.41869), -_fixed(0.08131)]], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -110,25 +120,30 @@ class JpegLattice:
 
 
 def _planes(image: np.ndarray, color: str) -> np.ndarray:
-    pixels = image.astype(np.float32)
+    """(3, H, W) planes at 2**PLANE_BITS, level-shifted by 128 (as JPEG's FDCT input
+    is), YCbCr by JFIF's transform unrounded: integers, held exactly in float64."""
     if color == "rgb":
-        return pixels
-    planes = np.einsum("ij,jhw->ihw", _TO_YCBCR.astype(np.float32), pixels)
-    return planes + _CHROMA_OFFSET.astype(np.float32)[:, None, None]
+        return (image.astype(np.float64) - 128.0) * 2.0**PLANE_BITS
+    planes = np.einsum("ij,jhw->ihw", _TO_YCBCR.astype(np.float64), image.astype(np.float64))
+    planes[0] -= 128.0 * 2.0**PLANE_BITS  # Cb and Cr come out level-shifted already
+    return planes
 
 
 def _pixels(planes: np.ndarray, color: str) -> np.ndarray:
-    """uint8 RGB from planes: rounded and clipped each (as a decoder's IDCT output is),
-    then libjpeg's integer YCbCr conversion."""
-    np.rint(planes, out=planes)
+    """uint8 RGB from level-shifted planes at 2**PLANE_BITS: each plane rounded (half up)
+    and clipped to 0..255, as a JPEG decoder's IDCT output is, then, for YCbCr,
+    libjpeg's integer conversion."""
+    planes += _HALF + 128.0 * 2.0**PLANE_BITS
+    planes *= 2.0**-PLANE_BITS
+    np.floor(planes, out=planes)
     np.clip(planes, 0, 255, out=planes)
     if color == "rgb":
         return planes.astype(np.uint8)
     ints = planes.astype(np.int32)
     y, cb, cr = ints[0], ints[1] - 128, ints[2] - 128
-    red = y + ((_fixed(1.40200) * cr + _HALF) >> _SCALE_BITS)
-    green = y + ((-_fixed(0.34414) * cb - _fixed(0.71414) * cr + _HALF) >> _SCALE_BITS)
-    blue = y + ((_fixed(1.77200) * cb + _HALF) >> _SCALE_BITS)
+    red = y + ((_fixed(1.40200) * cr + _HALF) >> PLANE_BITS)
+    green = y + ((-_fixed(0.34414) * cb - _fixed(0.71414) * cr + _HALF) >> PLANE_BITS)
+    blue = y + ((_fixed(1.77200) * cb + _HALF) >> PLANE_BITS)
     return np.clip(np.stack([red, green, blue]), 0, 255).astype(np.uint8)
 
 
@@ -145,33 +160,35 @@ def _unblocks(rows: np.ndarray, h: int, w: int) -> np.ndarray:
             .reshape(h, w))
 
 
-#: The 2-D DCT of a block as one product: row-major vec(D B D^T) = (D kron D) vec(B), so
-#: all of a plane's blocks transform in a single matrix product.
-DCT_2D = np.kron(DCT, DCT)
+#: The 2-D DCT of a block as one product, row-major vec(D B D^T) = (D kron D) vec(B), so
+#: all of a plane's blocks transform in one matrix product; rounded to DCT_BITS, as float64
+#: integers for BLAS.
+DCT_2D = np.rint(np.kron(DCT, DCT) * 2.0**DCT_BITS)
+#: 2**(PLANE_BITS + DCT_BITS): the scale of a forward product
+_FORWARD_SCALE = 2.0 ** (PLANE_BITS + DCT_BITS)
 
 
-@functools.lru_cache(maxsize=16)
-def _transforms(table: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(forward, inverse) 64x64 matrices with the table's steps folded in: block row ->
-    coefficients in steps, and back. float32: its rounding error (about 1e-4 of a step,
-    of a grey level) is far below the tolerance, and the products run twice as fast."""
-    steps = np.asarray(table, dtype=np.float64)
-    return ((DCT_2D.T / steps[None, :]).astype(np.float32),
-            (steps[:, None] * DCT_2D).astype(np.float32))
+def _forward(plane: np.ndarray) -> np.ndarray:
+    """Exact DCT coefficients (blocks, 64) of a plane's whole blocks, at _FORWARD_SCALE:
+    |plane| < 2**24, |DCT_2D| < 2**18, 64 terms: every sum is below 2**48."""
+    return _blocks(plane) @ DCT_2D.T
 
 
 def coefficients(plane: np.ndarray, table: tuple[int, ...]) -> np.ndarray:
-    """DCT coefficients (blocks, 64) of each whole 8x8 block of a plane, level-shifted by
-    128, in units of the table's steps (natural order): integers, up to the decoder's
-    rounding, for a plane a JPEG decoder made with this table."""
-    return (_blocks(plane) - np.float32(128)) @ _transforms(table)[0]
+    """DCT coefficients (blocks, 64) of each whole 8x8 block of a level-shifted plane (at
+    2**PLANE_BITS), in units of the table's steps (natural order): integers, up to the
+    decoder's rounding, for a plane a JPEG decoder made with this table."""
+    steps = np.asarray(table, dtype=np.float64)
+    return _forward(plane) / (_FORWARD_SCALE * steps)  # one IEEE division each: exact-ish,
+    # and the same everywhere
 
 
 def snap(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:
     """uint8 (3, H, W) with every DCT coefficient near the lattice moved onto it.
 
     The image's top-left pixel must be on the source's block grid; pixels of partial
-    blocks at the right and bottom edges pass through unchanged.
+    blocks at the right and bottom edges pass through unchanged. Bit-identical on every
+    machine (docs/codec.md gives the arithmetic).
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"JPEG lattice snapping needs uint8 (3, H, W), got {image.dtype} "
@@ -181,13 +198,20 @@ def snap(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:
         return image
     planes = _planes(image, lattice.color)
     for p in lattice.snapped_planes:
-        c = coefficients(planes[p], lattice.tables[p])
-        offset = c - np.rint(c)
-        np.copyto(offset, 0.0, where=np.abs(offset) >= lattice.tolerance)
-        c -= offset  # the near coefficients, now on the lattice
-        blocks = c @ _transforms(lattice.tables[p])[1]
-        blocks += np.float32(128)
-        planes[p, :h, :w] = _unblocks(blocks, h, w)
+        steps = np.asarray(lattice.tables[p], dtype=np.float64)
+        exact = _forward(planes[p])
+        c = exact / (_FORWARD_SCALE * steps)
+        nearest = np.rint(c)
+        near = np.abs(c - nearest) < lattice.tolerance
+        # coefficients at 2**INVERSE_BITS: lattice points exactly, the others rounded
+        exact *= 2.0 ** (INVERSE_BITS - PLANE_BITS - DCT_BITS)
+        scaled = np.rint(exact, out=exact)
+        nearest *= steps * 2.0**INVERSE_BITS
+        np.copyto(scaled, nearest, where=near)
+        # |scaled| < 2**24 and |DCT_2D| < 2**18, 64 terms: exact below 2**48
+        rows = scaled @ DCT_2D
+        rows *= 2.0 ** (PLANE_BITS - INVERSE_BITS - DCT_BITS)
+        planes[p, :h, :w] = _unblocks(np.rint(rows, out=rows), h, w)
     out = _pixels(planes, lattice.color)
     # partial edge blocks are never snapped: keep their pixels bit for bit
     out[:, h:, :] = image[:, h:, :]
