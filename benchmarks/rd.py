@@ -15,6 +15,8 @@ the curves are close to straight.
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb   # as Aperio does (CMU-1)
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb --lattice
                        # every codec's decoded tiles through the JPEG lattice filter
+    python benchmarks/rd.py --model he-mshl-v3 --per-image 4 --refine 100 \
+        --rungs 1,3,5,7,9,11,13 --baselines-from docs/rd.json   # latent refinement
 """
 
 from __future__ import annotations
@@ -202,13 +204,24 @@ def source_lattice(quality: int, layout: str) -> JpegLattice:
 
 
 def _dlwsi_curve(tiles: np.ndarray, model: str,
-                 restore: Callable[[np.ndarray], np.ndarray] = _unchanged) -> list[dict]:
+                 restore: Callable[[np.ndarray], np.ndarray] = _unchanged,
+                 refine: int = 0, rungs: list[int] | None = None) -> list[dict]:
+    """One model's ladder (``rungs`` of it, default all). With ``refine``, tiles are coded
+    in batches, as the converter hands them over (refinement runs on a whole batch)."""
     points = []
-    for quality in qualities(model):
+    for quality in rungs or qualities(model):
         ref = resolve(model, quality)
-        point = measure(tiles, lambda t, r=ref: image_codec.encode_batch([t], r)[0],
-                        lambda b: restore(image_codec.decode(b)))
+        if refine:
+            chunks = iter(image_codec.encode_batch(list(tiles), ref, refine=refine))
+            point = measure(tiles, lambda t, c=chunks: next(c),
+                            lambda b: restore(image_codec.decode(b)))
+        else:
+            point = measure(tiles, lambda t, r=ref: image_codec.encode_batch([t], r)[0],
+                            lambda b: restore(image_codec.decode(b)))
         points.append(dict(point, setting=quality, sha256=ref.sha256))
+        print(f"  {model} q{quality}{f' refine {refine}' if refine else ''}: "
+              f"{point['bpp']:.3f} bpp, {point['psnr']:.2f} dB, SSIM {point['ssim']:.4f}",
+              file=sys.stderr, flush=True)
     return points
 
 
@@ -269,6 +282,13 @@ def main() -> int:
                         help="with --source-jpeg: pass every codec's decoded tiles through the "
                              "dlwsi_jpeg_lattice filter with the source's tables, as "
                              "ngff-convert does on level 0 of a JPEG slide")
+    parser.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                        help="also measure each model with STEPS of latent refinement at "
+                             "encoding (a second curve, '<model> refine STEPS'; needs "
+                             "PyTorch), and report its BD-rate against the plain curve")
+    parser.add_argument("--rungs", type=lambda v: [int(q) for q in v.split(",")],
+                        metavar="Q,Q,...", help="only these rungs of each model (all by "
+                                                "default)")
     parser.add_argument("--source-layout", choices=list(JPEG_LAYOUTS), default="ycbcr420",
                         help="the scanner's JPEG layout for --source-jpeg: YCbCr 4:2:0 "
                              "(most scanners) or RGB, each channel coded on its own (Aperio; "
@@ -300,7 +320,12 @@ def main() -> int:
                      "baselines": {}, "bd_rate": {},
                      "machine": platform.processor() or platform.machine()}
     for model in args.model or [default_model()]:
-        results["dlwsi"][model] = _dlwsi_curve(tiles, model, restore)
+        results["dlwsi"][model] = _dlwsi_curve(tiles, model, restore, rungs=args.rungs)
+        if args.refine:
+            refined = _dlwsi_curve(tiles, model, restore, args.refine, args.rungs)
+            results["dlwsi"][f"{model} refine {args.refine}"] = refined
+            results.setdefault("refine_vs_plain", {})[model] = {
+                m: bd_rate(refined, results["dlwsi"][model], m) for m in ("ssim", "psnr")}
     if args.baselines_from:
         earlier = _earlier_run(args.baselines_from)
         if isinstance(earlier, str):
@@ -332,6 +357,9 @@ def main() -> int:
         for name, points in results["dlwsi"].items() if len(points) > 1 for p in points}
     results["seconds"] = round(time.time() - started, 1)
     _print_report(results)
+    for model, rates in results.get("refine_vs_plain", {}).items():
+        print(f"{model} refine {args.refine} vs {model}: SSIM {rates['ssim']:+.1f}%, "
+              f"PSNR {rates['psnr']:+.1f}% (BD-rate)")
     print(f"({results['seconds']:.0f} s)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,12 @@ padded with the fill value as Zarr pads them, the same codec from the registry).
 level is then written at that quality. Quality rises with SSIM for every codec here, so
 the search is a bisection: about log2(qualities) trial encodes of the sample.
 
+With dlwsi's latent refinement (``--refine``), the bisection runs on plain trials (cheap),
+then refined trials walk down from its answer while they still reach the target (a
+refined rung codes better than a plain one, so the rung below may do), and up if the
+refined answer itself misses (refinement trades quality for bytes at the lowest rungs).
+The recorded SSIM is always that of what the store will hold.
+
 Why one quality for the slide: on both Aperio slides, every stored chunk coded at every
 dlwsi rung (``benchmarks/rung_choice.py``) showed one rung for the slide already on the
 best curve; the best per-chunk choice (equal slope, even with verify's own mask) was
@@ -48,18 +54,28 @@ class Calibration:
     reached: bool  # False: no quality reaches the target, ``quality`` is the highest
     chunks: int  # level-0 chunks in the sample
     tried: dict[int, float] = field(default_factory=dict)
+    refine: int = 0  # dlwsi latent refinement steps of the store (and of tried_refined)
+    tried_refined: dict[int, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
-        return {"target_ssim": self.target_ssim, "quality": self.quality,
-                "ssim": round(self.ssim, 5), "reached": self.reached, "chunks": self.chunks,
-                "tried": {str(q): round(s, 5) for q, s in sorted(self.tried.items())}}
+        d: dict[str, object] = {
+            "target_ssim": self.target_ssim, "quality": self.quality,
+            "ssim": round(self.ssim, 5), "reached": self.reached, "chunks": self.chunks,
+            "tried": {str(q): round(s, 5) for q, s in sorted(self.tried.items())}}
+        if self.refine:
+            d["refine"] = self.refine
+            d["tried_refined"] = {str(q): round(s, 5)
+                                  for q, s in sorted(self.tried_refined.items())}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> Calibration:
         """The inverse of :meth:`as_dict` (a store's ``settings.quality_choice``)."""
         return cls(float(d["target_ssim"]), int(d["quality"]), float(d["ssim"]),
                    bool(d["reached"]), int(d["chunks"]),
-                   {int(q): float(v) for q, v in dict(d.get("tried", {})).items()})
+                   {int(q): float(v) for q, v in dict(d.get("tried", {})).items()},
+                   int(d.get("refine", 0)),
+                   {int(q): float(v) for q, v in dict(d.get("tried_refined", {})).items()})
 
 
 @dataclass(frozen=True)
@@ -110,8 +126,9 @@ def _round_trip(choice: CodecChoice, codec: object, chunk: np.ndarray, side: int
 
 
 def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], side: int,
-                 pool: ThreadPoolExecutor, restore: object | None = None) -> float:
-    codec = image_codec(choice, quality)
+                 pool: ThreadPoolExecutor, restore: object | None = None,
+                 refine: int = 0) -> float:
+    codec = image_codec(choice, quality, refine)
 
     def sums(chunk: _SampleChunk) -> tuple[float, int]:
         ssim = ssim_map(_round_trip(choice, codec, chunk.coded, side, restore), chunk.source)
@@ -124,12 +141,13 @@ def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], 
 
 def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
                    choice: CodecChoice, target_ssim: float, workers: int | None = None,
-                   log: Callable[[str], None] = print, restore: object | None = None
-                   ) -> Calibration:
+                   log: Callable[[str], None] = print, restore: object | None = None,
+                   refine: int = 0) -> Calibration:
     """The lowest quality of ``choice`` whose sampled level-0 tissue SSIM reaches
     ``target_ssim`` (the highest quality, with ``reached`` False, when none does).
     ``restore``: level 0's JPEG lattice filter, applied to every decoded chunk as the
-    store's reader will."""
+    store's reader will. ``refine``: dlwsi's latent refinement steps the store is
+    written with (see the module's docstring)."""
     if not 0.0 < target_ssim < 1.0:
         raise ConvertError(f"--target-ssim must be between 0 and 1, got {target_ssim}")
     low, high = quality_range(choice)
@@ -153,6 +171,9 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
                 chosen, high = middle, middle - 1
             else:
                 low = middle + 1
+        if refine:
+            return _with_refinement(choice, target_ssim, sample, chunk, pool, restore, refine,
+                                    tried, chosen if chosen is not None else max(tried), log)
     if chosen is None:
         top = max(tried)
         log(f"no {choice.name} quality reaches tissue SSIM {target_ssim}; using the highest, "
@@ -160,3 +181,37 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
         return Calibration(target_ssim, top, tried[top], False, len(sample), tried)
     log(f"  chose quality {chosen}")
     return Calibration(target_ssim, chosen, tried[chosen], True, len(sample), tried)
+
+
+def _with_refinement(choice: CodecChoice, target_ssim: float, sample: list[_SampleChunk],
+                     side: int, pool: ThreadPoolExecutor, restore: object | None,
+                     refine: int, tried: dict[int, float], start: int,
+                     log: Callable[[str], None]) -> Calibration:
+    """From the plain search's answer ``start``, the lowest quality whose *refined* trial
+    reaches the target: down while the one below does, up while the current one misses."""
+    low, high = quality_range(choice)
+    refined: dict[int, float] = {}
+
+    def trial(quality: int) -> bool:
+        refined[quality] = _sample_ssim(choice, quality, sample, side, pool, restore, refine)
+        log(f"  quality {quality} with {refine} refinement steps: tissue SSIM "
+            f"{refined[quality]:.4f}")
+        return refined[quality] >= target_ssim
+
+    quality = start
+    if trial(quality):
+        while quality > low and trial(quality - 1):
+            quality -= 1
+        reached = True
+    else:
+        while quality < high and not trial(quality + 1):
+            quality += 1
+        reached = quality < high or refined[quality] >= target_ssim
+        quality = min(quality + 1, high) if reached else quality
+    if not reached:
+        log(f"no {choice.name} quality reaches tissue SSIM {target_ssim} refined; using the "
+            f"highest, {quality}")
+    else:
+        log(f"  chose quality {quality} (refined)")
+    return Calibration(target_ssim, quality, refined[quality], reached, len(sample), tried,
+                       refine, refined)

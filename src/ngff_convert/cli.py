@@ -76,6 +76,13 @@ def convert_parser() -> argparse.ArgumentParser:
                         "rung (up to --quality) whose decoded chunk reaches SSIM over its "
                         "non-white pixels, a floor for every chunk; on the Aperio slides it "
                         "stored 13-16%% more than one rung per slide at the same mean tissue SSIM")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="dlwsi latent refinement: STEPS gradient steps per chunk on the "
+                        "model's own rate-distortion loss before entropy coding (100: about "
+                        "7%% fewer bytes at equal SSIM on held-out H&E tiles, encoding "
+                        "about 100x slower; needs PyTorch, the train extra; readers need "
+                        "nothing new). --target-ssim then tries rungs below its plain "
+                        "choice refined, for the bytes. Default 0")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")
     p.add_argument("--glass", choices=[g.value for g in Glass], default=Glass.fill.value,
@@ -175,7 +182,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         raise ConvertError("--overwrite and --resume contradict each other; pick one")
     options = Options(
         codec=args.codec, quality=args.quality, target_ssim=args.target_ssim,
-        chunk_ssim=args.chunk_ssim, ngff=args.ngff,
+        chunk_ssim=args.chunk_ssim, refine=args.refine, ngff=args.ngff,
         glass=Glass(args.glass),
         chunk=args.chunk, shard=args.shard, associated=args.associated,
         jpeg_lattice=args.jpeg_lattice == "auto",
@@ -218,7 +225,9 @@ def _run_info(args: argparse.Namespace) -> int:
     if choice:
         print(f"quality {choice['quality']} chosen for level-0 tissue SSIM "
               f"{choice['target_ssim']}: {choice['ssim']:.4f} on {choice['chunks']} sampled "
-              "chunks" + ("" if choice["reached"] else " (the highest; target not reached)"))
+              "chunks" + (f", {choice['refine']} refinement steps" if choice.get("refine")
+                          else "")
+              + ("" if choice["reached"] else " (the highest; target not reached)"))
     if d.get("jpeg_lattice"):
         print(f"JPEG lattice: {d['jpeg_lattice']}")
     print(f"total: {_mib(d['stored_bytes'])} stored in {d['objects']} objects, "

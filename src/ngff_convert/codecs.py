@@ -69,8 +69,8 @@ def codec_choice(name: str) -> CodecChoice:
                            f"{', '.join(CODECS)}") from None
 
 
-def _params(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
-            ) -> dict[str, Any]:
+def _params(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None,
+            refine: int = 0) -> dict[str, Any]:
     q = choice.default_quality if quality is None else quality
     params = dict(choice.settings)
     if q is not None and choice.quality_key is not None:
@@ -80,16 +80,23 @@ def _params(choice: CodecChoice, quality: int | None, chunk_ssim: float | None =
             raise ConvertError(f"--chunk-ssim is dlwsi's per-chunk rate control; --codec "
                                f"{choice.name} takes --quality or --target-ssim")
         params["target_ssim"] = float(chunk_ssim)
+    if refine:
+        if choice.name != "dlwsi":
+            raise ConvertError(f"--refine is dlwsi's latent refinement; --codec "
+                               f"{choice.name} has no such setting")
+        params["refine"] = int(refine)
     return params
 
 
-def image_codec(choice: CodecChoice, quality: int) -> Any:
-    """The numcodecs codec for ``choice`` at ``quality``, from the registry. It takes
-    (H, W, 3) chunks when ``choice.channels_last``, else (3, H, W)."""
+def image_codec(choice: CodecChoice, quality: int, refine: int = 0) -> Any:
+    """The numcodecs codec for ``choice`` at ``quality`` (with dlwsi's ``refine`` steps),
+    from the registry. It takes (H, W, 3) chunks when ``choice.channels_last``, else
+    (3, H, W)."""
     import numcodecs
 
     register_image_codecs()
-    return numcodecs.get_codec({"id": choice.numcodecs_id, **_params(choice, quality)})
+    return numcodecs.get_codec({"id": choice.numcodecs_id,
+                                **_params(choice, quality, refine=refine)})
 
 
 def quality_range(choice: CodecChoice) -> tuple[int, int]:
@@ -109,12 +116,12 @@ def quality_range(choice: CodecChoice) -> tuple[int, int]:
     return 1, highest
 
 
-def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
-              ) -> dict[str, Any]:
+def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None,
+              refine: int = 0) -> dict[str, Any]:
     """``filters``/``serializer``/``compressors`` for a Zarr v3 (3, H, W) uint8 array."""
     if choice.name == "dlwsi":
         config: dict[str, Any] = {"name": "dlwsi"}
-        params = _params(choice, quality, chunk_ssim)
+        params = _params(choice, quality, chunk_ssim, refine)
         if params:
             config["configuration"] = params
         return {"filters": None, "serializer": config, "compressors": None}
@@ -122,20 +129,20 @@ def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None
     return {
         "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
         "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
-                       "configuration": _params(choice, quality, chunk_ssim)},
+                       "configuration": _params(choice, quality, chunk_ssim, refine)},
         "compressors": None,
     }
 
 
-def v2_compressor(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None
-                  ) -> dict[str, Any]:
+def v2_compressor(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None,
+                  refine: int = 0) -> dict[str, Any]:
     """The numcodecs ``compressor`` for a Zarr v2 array (NGFF 0.4)."""
     if choice.channels_last:
         # Zarr v2 has no transpose filter: an image codec would see (3, H, W) chunks as
         # a 3-row image. Only dlwsi codes channel-first chunks directly.
         raise ConvertError(f"--codec {choice.name} needs --ngff 0.5 (Zarr v2 cannot hand it "
                            "channel-last chunks); use --codec dlwsi with --ngff 0.4")
-    return {"id": choice.numcodecs_id, **_params(choice, quality, chunk_ssim)}
+    return {"id": choice.numcodecs_id, **_params(choice, quality, chunk_ssim, refine)}
 
 
 #: The filter that snaps a lossy copy of a JPEG-sourced level back onto the source's
@@ -214,6 +221,7 @@ def describe_v3(codecs: list[dict[str, Any]]) -> str:
             continue
         else:
             shown = {k: v for k, v in config.items() if k in ("quality", "level", "model",
-                                                                  "target_ssim", "color")}
+                                                                  "target_ssim", "refine",
+                                                                  "color")}
             parts.append(f"{name}{shown if shown else ''}")
     return " + ".join(parts) or "none"

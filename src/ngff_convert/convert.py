@@ -49,6 +49,7 @@ class Options:
     quality: int | None = None
     target_ssim: float | None = None  # the slide's quality chosen to reach this (calibrate)
     chunk_ssim: float | None = None  # dlwsi: each chunk's rung chosen to reach this SSIM
+    refine: int = 0  # dlwsi: latent refinement steps per chunk (slower encoding, fewer bytes)
     ngff: str = "0.5"
     glass: Glass = Glass.fill
     chunk: int = 512
@@ -129,12 +130,13 @@ def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, targe
                     earlier: dict[str, Any] | None, lattice: SourceLattice,
                     log: Callable[[str], None]) -> Calibration:
     """The slide's quality for ``target``; a resumed run keeps the interrupted run's."""
-    if earlier and earlier.get("target_ssim") == target:
+    if earlier and earlier.get("target_ssim") == target and \
+            earlier.get("refine", 0) == options.refine:
         return Calibration.from_dict(earlier)
     restore = jpeg_lattice_codec(lattice.config) if lattice.config is not None else None
     return choose_quality(info, tissue, options.glass, options.chunk,
                           codec_choice(options.codec), target, options.workers, log,
-                          restore=restore)
+                          restore=restore, refine=options.refine)
 
 
 def _level0_lattice(info: SlideInfo, tissue: TissueMask, options: Options,
@@ -172,9 +174,10 @@ def _codec_config(options: Options) -> dict[str, Any]:
     """Resolve --codec/--quality for the format; fail (one line) before writing anything."""
     choice = codec_choice(options.codec)
     if options.ngff == "0.5":
-        config = v3_codecs(choice, options.quality, options.chunk_ssim)
+        config = v3_codecs(choice, options.quality, options.chunk_ssim, options.refine)
     else:
-        config = {"compressors": v2_compressor(choice, options.quality, options.chunk_ssim)}
+        config = {"compressors": v2_compressor(choice, options.quality, options.chunk_ssim,
+                                               options.refine)}
     # instantiate once on a scratch store so a bad quality or missing weights fail now
     probe = zarr.create_array(zarr.storage.MemoryStore(), shape=(3, 64, 64),
                               chunks=(3, 64, 64), dtype="uint8", fill_value=255,

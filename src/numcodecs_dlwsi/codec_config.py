@@ -1,5 +1,6 @@
 """The codec configuration stored in array metadata: quality, model id and weights hash,
-and an optional ``target_ssim`` for rate-controlled encoding.
+an optional ``target_ssim`` for rate-controlled encoding and ``refine``, the latent
+refinement steps of encoding (both encoder-only: readers ignore them).
 
 Shared by the numcodecs and zarr-python 3 adapters. A configuration written into an
 array pins the exact weights; one given by a user with only a quality is completed
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from .bitstream import MODEL_ID_PATTERN
+from .latent_refinement import MAX_STEPS
 from .model_store import ModelRef, default_model, default_quality, resolve
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -25,12 +27,17 @@ class CodecConfig:
     model: str
     model_hash: str
     target_ssim: float | None = None
+    refine: int = 0
 
     @classmethod
     def create(cls, quality: int | None = None, model: str | None = None,
-               model_hash: str | None = None, target_ssim: float | None = None
-               ) -> CodecConfig:
+               model_hash: str | None = None, target_ssim: float | None = None,
+               refine: int = 0) -> CodecConfig:
         """Validate user or metadata values; fill what is missing from installed models."""
+        if isinstance(refine, bool) or not isinstance(refine, int) or \
+                not 0 <= refine <= MAX_STEPS:
+            raise ValueError(f"dlwsi refine must be an integer number of steps in "
+                             f"0..{MAX_STEPS}, got {refine!r}")
         if target_ssim is not None and (isinstance(target_ssim, bool) or
                                         not isinstance(target_ssim, int | float) or
                                         not 0.0 < target_ssim < 1.0):
@@ -50,18 +57,20 @@ class CodecConfig:
         if model_hash is not None and model is not None and quality is not None:
             # Fully pinned (e.g. read from array metadata): checked against the installed
             # weights only when chunks are coded, so metadata stays readable without them.
-            return cls(quality, model, model_hash, target_ssim)
+            return cls(quality, model, model_hash, target_ssim, refine)
         if model_hash is not None:
             raise ValueError("dlwsi model_hash needs model and quality alongside it")
         model = model or default_model()
         quality = default_quality(model) if quality is None else quality
-        return cls(quality, model, resolve(model, quality).sha256, target_ssim)
+        return cls(quality, model, resolve(model, quality).sha256, target_ssim, refine)
 
     def as_dict(self) -> dict[str, int | str | float]:
         config: dict[str, int | str | float] = {
             "quality": self.quality, "model": self.model, "model_hash": self.model_hash}
         if self.target_ssim is not None:  # encoding only; stores without it stay as before
             config["target_ssim"] = self.target_ssim
+        if self.refine:
+            config["refine"] = self.refine
         return config
 
     def ref(self) -> ModelRef:

@@ -189,14 +189,48 @@ def _lowest_rungs_reaching(target_ssim: float, images: list[np.ndarray], y: np.n
                     low[k] = position + 1
 
 
+def _refined(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
+             qualities: list[int], images: list[np.ndarray], steps: int,
+             target_ssim: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """``latent_refinement`` applied to a batch. Under rate control an image keeps its
+    analysis latents if the refined ones would fall below ``target_ssim`` at its rung,
+    so refinement never breaks the promise the rung was chosen for."""
+    from .latent_refinement import refine_latents
+
+    model = load(ref)
+    gains = [None if model.rungs.get(q) is None else model.rungs[q] / GAIN_ONE
+             for q in qualities]
+    height, width = images[0].shape[1:]
+    y_new, z_new = refine_latents(ref, x, y, z, gains, (height, width), steps)
+    if target_ssim is None:
+        return y_new, z_new
+    from .quality_measure import ReferenceSSIM
+
+    medians = model.z_medians_fixed / FIXED_ONE
+    z_symbols = np.rint(z_new - medians[None, :, None, None])
+    scales, means = hyper_parameters(model, z_symbols)
+    for k, quality in enumerate(qualities):
+        gain = model.rungs.get(quality)
+        _, rung_means = rung_parameters(model, scales[k : k + 1], means[k : k + 1], gain)
+        y_hat = dequantize_latents(quantize_latents(y_new[k : k + 1], rung_means, gain),
+                                   rung_means, gain)
+        decoded = runtime.synthesis(rung_ref(ref, quality), y_hat)[0, :, :height, :width]
+        pixels = np.clip(np.rint(decoded), 0, 255).astype(np.uint8)
+        if ReferenceSSIM(images[k])(pixels) < target_ssim:
+            y_new[k], z_new[k] = y[k], z[k]
+    return y_new, z_new
+
+
 def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
-                 timer: StageTimer = _untimed, target_ssim: float | None = None
-                 ) -> list[bytes]:
+                 timer: StageTimer = _untimed, target_ssim: float | None = None,
+                 refine: int = 0) -> list[bytes]:
     """Encode uint8 RGB images, (3, H, W) or (H, W, 3) each, with one pinned model.
 
     With ``target_ssim``, each image is coded at the lowest rung of the pinned file, up
     to ``ref.quality``, whose decoded image reaches that SSIM (see
     :func:`quality_measure.tissue_ssim`); the rung is recorded in the chunk's header.
+    With ``refine`` > 0, the latents get that many steps of :mod:`latent_refinement`
+    (needs PyTorch; the chunks decode like any other).
     """
     with timer("prepare"):
         prepared = [as_chw(image) for image in images]
@@ -225,6 +259,12 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
                     qualities = _lowest_rungs_reaching(
                         target_ssim, [prepared[i][0] for i in batch], y, scales, means, ref,
                         ladder)
+            if refine:
+                with timer("refine"):
+                    y, z = _refined(ref, x, y, z, qualities, [prepared[i][0] for i in batch],
+                                    refine, target_ssim)
+                    z_symbols = np.rint(z - medians[None, :, None, None])
+                    scales, means = hyper_parameters(model, z_symbols)
             with timer("entropy_encode"):
                 for k, i in enumerate(batch):
                     gain = model.rungs.get(qualities[k])

@@ -27,21 +27,27 @@ class Dlwsi(Codec):
         Rate control: code each chunk at the lowest rung, up to ``quality``, whose
         decoded chunk reaches this SSIM over its non-white pixels. Needs SciPy to
         encode; decoding needs nothing more.
+    refine : int, optional
+        Latent refinement: this many gradient steps per chunk on the model's own
+        rate-distortion loss (``latent_refinement``). Smaller chunks at the same quality
+        for much slower encoding; needs PyTorch to encode, nothing to decode. 0 (the
+        default) encodes with the analysis transform alone.
     """
 
     codec_id = "dlwsi"
 
     def __init__(self, quality: int | None = None, model: str | None = None,
-                 model_hash: str | None = None, target_ssim: float | None = None) -> None:
-        config = CodecConfig.create(quality, model, model_hash, target_ssim)
+                 model_hash: str | None = None, target_ssim: float | None = None,
+                 refine: int = 0) -> None:
+        config = CodecConfig.create(quality, model, model_hash, target_ssim, refine)
         self.quality, self.model, self.model_hash = config.quality, config.model, \
             config.model_hash
-        self.target_ssim = config.target_ssim
+        self.target_ssim, self.refine = config.target_ssim, config.refine
         self._config = config
 
     def encode(self, buf: object) -> bytes:
         return encode_batch([ensure_ndarray_like(buf)], self._config.ref(),
-                            target_ssim=self.target_ssim)[0]
+                            target_ssim=self.target_ssim, refine=self.refine)[0]
 
     def decode(self, buf: object, out: object = None) -> np.ndarray:
         chunk = ensure_contiguous_ndarray(buf).view(np.uint8)

@@ -39,14 +39,17 @@ class DlwsiCodec(ArrayBytesCodec):
     model: str
     model_hash: str
     target_ssim: float | None = None  # rate control (encoding only), see numcodecs.Dlwsi
+    refine: int = 0  # latent refinement steps (encoding only), see numcodecs.Dlwsi
 
     def __init__(self, *, quality: int | None = None, model: str | None = None,
-                 model_hash: str | None = None, target_ssim: float | None = None) -> None:
-        config = CodecConfig.create(quality, model, model_hash, target_ssim)
+                 model_hash: str | None = None, target_ssim: float | None = None,
+                 refine: int = 0) -> None:
+        config = CodecConfig.create(quality, model, model_hash, target_ssim, refine)
         object.__setattr__(self, "quality", config.quality)
         object.__setattr__(self, "model", config.model)
         object.__setattr__(self, "model_hash", config.model_hash)
         object.__setattr__(self, "target_ssim", config.target_ssim)
+        object.__setattr__(self, "refine", config.refine)
 
     @classmethod
     def from_dict(cls, data: dict) -> Self:
@@ -57,7 +60,8 @@ class DlwsiCodec(ArrayBytesCodec):
         return {"name": "dlwsi", "configuration": self._config().as_dict()}
 
     def _config(self) -> CodecConfig:
-        return CodecConfig(self.quality, self.model, self.model_hash, self.target_ssim)
+        return CodecConfig(self.quality, self.model, self.model_hash, self.target_ssim,
+                           self.refine)
 
     def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
                  chunk_grid: ChunkGrid) -> None:
@@ -81,7 +85,7 @@ class DlwsiCodec(ArrayBytesCodec):
         present = [i for i, (chunk, _) in enumerate(items) if chunk is not None]
         arrays = [np.asarray(items[i][0].as_numpy_array()) for i in present]
         blobs = await asyncio.to_thread(encode_batch, arrays, self._config().ref(),
-                                        target_ssim=self.target_ssim)
+                                        target_ssim=self.target_ssim, refine=self.refine)
         out: list[Buffer | None] = [None] * len(items)
         for i, blob in zip(present, blobs, strict=True):
             out[i] = items[i][1].prototype.buffer.from_bytes(blob)

@@ -102,10 +102,9 @@ def fit_hyper_prior(model: LiteMeanScaleHyperprior, model_file: ModelFile,
     return float(loss.detach()) - entropy
 
 
-def checkpoint_from_release(ref: ModelRef, prior_steps: int = PRIOR_FIT_STEPS
-                            ) -> tuple[dict, float]:
-    """A checkpoint (as ``dlwsi-train train`` saves them, without optimizer state) of the
-    network in ``ref``'s file, and the hyper-prior fit's excess cost in bits per symbol."""
+def network_from_release(ref: ModelRef) -> LiteMeanScaleHyperprior:
+    """The network in ``ref``'s file with its transforms (g_a, h_a, g_s, h_s) as released;
+    the hyper-latent prior is left untrained (:func:`fit_hyper_prior` fits it)."""
     model_file = load(ref)
     model = _model_for(model_file)
     state = model.state_dict()
@@ -124,6 +123,15 @@ def checkpoint_from_release(ref: ModelRef, prior_steps: int = PRIOR_FIT_STEPS
     if missing:
         raise ValueError(f"the model file lacks {', '.join(missing)}")
     model.load_state_dict(state)
+    return model
+
+
+def checkpoint_from_release(ref: ModelRef, prior_steps: int = PRIOR_FIT_STEPS
+                            ) -> tuple[dict, float]:
+    """A checkpoint (as ``dlwsi-train train`` saves them, without optimizer state) of the
+    network in ``ref``'s file, and the hyper-prior fit's excess cost in bits per symbol."""
+    model_file = load(ref)
+    model = network_from_release(ref)
     excess_bits = fit_hyper_prior(model, model_file, prior_steps)
     meta = model_file.meta
     config = {"lmbda": meta.get("lambda"), "ssim_weight": meta.get("ssim_weight", 0.0),
