@@ -131,13 +131,15 @@ def rung_lambda(base_lambda: float, gain: np.ndarray | None) -> float:
     return base_lambda * g * g
 
 
-def _gumbel_round(value: Tensor, temperature: float, generator: Generator) -> Tensor:
-    """A soft, random choice between floor and ceiling (SGA)."""
+def _gumbel_round(value: Tensor, temperature: float, generators: list[Generator]) -> Tensor:
+    """A soft, random choice between floor and ceiling (SGA). Each image draws its noise
+    from its own generator, so its result does not depend on the batch it came in."""
     torch = _torch()
     low = torch.floor(value)
     frac = (value - low).clamp(1e-4, 1 - 1e-4)
     logits = torch.stack([-torch.atanh(frac), -torch.atanh(1 - frac)], dim=-1) / temperature
-    uniform = torch.rand(logits.shape, generator=generator, device=value.device)
+    uniform = torch.stack([torch.rand(logits.shape[1:], generator=g, device=value.device)
+                           for g in generators])
     gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0)))
     weights = torch.softmax((logits + gumbel) / temperature, dim=-1)
     return low + weights[..., 1]
@@ -180,7 +182,7 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
     conditional = net.gaussian_conditional
 
     def loss(y_var: Tensor, z_var: Tensor, temperature: float | None,
-             generator: Generator | None = None) -> Tensor:
+             generators: list[Generator] | None = None) -> Tensor:
         z_symbols = _straight_through_round(z_var - medians)
         z_bits = _table_bits(z_symbols, z_bits_table, z_lows).sum(dim=(1, 2, 3))
         z_hat = z_symbols + medians
@@ -188,7 +190,7 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
         y_gained, scales, means = y_var * gain, scales * gain, means * gain
         residual = y_gained - means
         rounded = (_straight_through_round(residual) if temperature is None
-                   else _gumbel_round(residual, temperature, generator))
+                   else _gumbel_round(residual, temperature, generators))
         y_hat = rounded + means
         y_likelihood = conditional.likelihood_lower_bound(
             conditional._likelihood(y_hat, scales, means))
@@ -206,7 +208,7 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
     best_y, best_z = y_var.detach().clone(), z_var.detach().clone()
     best = torch.full((len(y),), math.inf, device=device)
     optimizer = torch.optim.Adam([y_var, z_var], lr=LEARNING_RATE)
-    generator = torch.Generator(device=device).manual_seed(SEED)
+    generators = [torch.Generator(device=device).manual_seed(SEED) for _ in range(len(y))]
 
     def keep_better(y_now: Tensor, z_now: Tensor) -> None:
         with torch.no_grad():
@@ -224,7 +226,7 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
         temperature = max(TEMPERATURE_START * math.exp(-TEMPERATURE_DECAY * progress),
                           TEMPERATURE_FLOOR)
         optimizer.zero_grad()
-        loss(y_var, z_var, temperature, generator).sum().backward()
+        loss(y_var, z_var, temperature, generators).sum().backward()
         optimizer.step()
     keep_better(y_var, z_var)
     return best_y.cpu().numpy(), best_z.cpu().numpy()
