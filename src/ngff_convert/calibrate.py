@@ -150,7 +150,7 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
     written with (see the module's docstring)."""
     if not 0.0 < target_ssim < 1.0:
         raise ConvertError(f"--target-ssim must be between 0 and 1, got {target_ssim}")
-    low, high = quality_range(choice)
+    lowest, highest = low, high = quality_range(choice)
     positions = sample_positions(info, tissue, chunk)
     if not positions:  # nothing but glass: any quality stores the same (nothing)
         return Calibration(target_ssim, high, 1.0, True, 0)
@@ -173,7 +173,8 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
                 low = middle + 1
         if refine:
             return _with_refinement(choice, target_ssim, sample, chunk, pool, restore, refine,
-                                    tried, chosen if chosen is not None else max(tried), log)
+                                    tried, chosen if chosen is not None else max(tried),
+                                    (lowest, highest), log)
     if chosen is None:
         top = max(tried)
         log(f"no {choice.name} quality reaches tissue SSIM {target_ssim}; using the highest, "
@@ -186,10 +187,11 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
 def _with_refinement(choice: CodecChoice, target_ssim: float, sample: list[_SampleChunk],
                      side: int, pool: ThreadPoolExecutor, restore: object | None,
                      refine: int, tried: dict[int, float], start: int,
-                     log: Callable[[str], None]) -> Calibration:
-    """From the plain search's answer ``start``, the lowest quality whose *refined* trial
-    reaches the target: down while the one below does, up while the current one misses."""
-    low, high = quality_range(choice)
+                     qualities: tuple[int, int], log: Callable[[str], None]) -> Calibration:
+    """From the plain search's answer ``start``, the lowest quality (of ``qualities``, the
+    codec's range) whose *refined* trial reaches the target: down while the one below
+    does, up while the current one misses."""
+    low, high = qualities
     refined: dict[int, float] = {}
 
     def trial(quality: int) -> bool:

@@ -162,7 +162,6 @@ def _lowest_rungs_reaching(target_ssim: float, images: list[np.ndarray], y: np.n
     """
     from .quality_measure import ReferenceSSIM
 
-    model = load(ref)
     references = [ReferenceSSIM(image) for image in images]
     chosen = [ladder[-1]] * len(images)
     low, high = [0] * len(images), [len(ladder) - 1] * len(images)
@@ -175,50 +174,59 @@ def _lowest_rungs_reaching(target_ssim: float, images: list[np.ndarray], y: np.n
             return chosen
         for position, members in trying.items():
             quality = ladder[position]
-            gain = model.rungs[quality]
-            _, rung_means = rung_parameters(model, scales[members], means[members], gain)
-            y_hat = dequantize_latents(quantize_latents(y[members], rung_means, gain),
-                                       rung_means, gain)
-            x_hat = runtime.synthesis(rung_ref(ref, quality), y_hat)
-            for k, decoded in zip(members, x_hat, strict=True):
-                height, width = images[k].shape[1:]
-                pixels = np.clip(np.rint(decoded[:, :height, :width]), 0, 255)
-                if references[k](pixels.astype(np.uint8)) >= target_ssim:
+            decoded = _decoded_at_rung(ref, quality, y[members], scales[members],
+                                       means[members], images[0].shape[1:])
+            for k, pixels in zip(members, decoded, strict=True):
+                if references[k](pixels) >= target_ssim:
                     chosen[k], high[k] = quality, position - 1
                 else:
                     low[k] = position + 1
 
 
-def _refined(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
-             qualities: list[int], images: list[np.ndarray], steps: int,
-             target_ssim: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """``latent_refinement`` applied to a batch. Under rate control an image keeps its
-    analysis latents if the refined ones would fall below ``target_ssim`` at its rung,
-    so refinement never breaks the promise the rung was chosen for."""
+def _decoded_at_rung(ref: ModelRef, quality: int, y: np.ndarray, scales: np.ndarray,
+                     means: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 images (B, 3, H, W) that latents ``y`` with h_s output ``scales``/``means``
+    decode to at rung ``quality``: the trial decode of rate control."""
+    model = load(ref)
+    gain = model.rungs.get(quality)
+    _, rung_means = rung_parameters(model, scales, means, gain)
+    y_hat = dequantize_latents(quantize_latents(y, rung_means, gain), rung_means, gain)
+    height, width = size
+    x_hat = runtime.synthesis(rung_ref(ref, quality), y_hat)[:, :, :height, :width]
+    return np.clip(np.rint(x_hat), 0, 255).astype(np.uint8)
+
+
+def _refine_batch(ref: ModelRef, x: np.ndarray, z: np.ndarray,
+                  latents: tuple[np.ndarray, ...], qualities: list[int],
+                  images: list[np.ndarray], steps: int, target_ssim: float | None
+                  ) -> tuple[np.ndarray, ...]:
+    """(y, z_symbols, scales, means) of a batch after ``latent_refinement``, from the
+    analysis' ``z`` and those four (``latents``). Under rate
+    control an image keeps its analysis latents if the refined ones would fall below
+    ``target_ssim`` at its rung, so refinement never breaks the promise the rung was
+    chosen for."""
     from .latent_refinement import refine_latents
 
     model = load(ref)
+    y = latents[0]
     gains = [None if model.rungs.get(q) is None else model.rungs[q] / GAIN_ONE
              for q in qualities]
-    height, width = images[0].shape[1:]
-    y_new, z_new = refine_latents(ref, x, y, z, gains, (height, width), steps)
+    size = images[0].shape[1:]
+    y_new, z_new = refine_latents(ref, x, y, z, gains, size, steps)
+    z_symbols = np.rint(z_new - model.z_medians_fixed[None, :, None, None] / FIXED_ONE)
+    refined = (y_new, z_symbols, *hyper_parameters(model, z_symbols))
     if target_ssim is None:
-        return y_new, z_new
+        return refined
     from .quality_measure import ReferenceSSIM
 
-    medians = model.z_medians_fixed / FIXED_ONE
-    z_symbols = np.rint(z_new - medians[None, :, None, None])
-    scales, means = hyper_parameters(model, z_symbols)
     for k, quality in enumerate(qualities):
-        gain = model.rungs.get(quality)
-        _, rung_means = rung_parameters(model, scales[k : k + 1], means[k : k + 1], gain)
-        y_hat = dequantize_latents(quantize_latents(y_new[k : k + 1], rung_means, gain),
-                                   rung_means, gain)
-        decoded = runtime.synthesis(rung_ref(ref, quality), y_hat)[0, :, :height, :width]
-        pixels = np.clip(np.rint(decoded), 0, 255).astype(np.uint8)
-        if ReferenceSSIM(images[k])(pixels) < target_ssim:
-            y_new[k], z_new[k] = y[k], z[k]
-    return y_new, z_new
+        one = slice(k, k + 1)
+        decoded = _decoded_at_rung(ref, quality, y_new[one], refined[2][one], refined[3][one],
+                                   size)[0]
+        if ReferenceSSIM(images[k])(decoded) < target_ssim:
+            for new, old in zip(refined, latents, strict=True):
+                new[k] = old[k]
+    return refined
 
 
 def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
@@ -261,10 +269,9 @@ def encode_batch(images: Sequence[np.ndarray], ref: ModelRef,
                         ladder)
             if refine:
                 with timer("refine"):
-                    y, z = _refined(ref, x, y, z, qualities, [prepared[i][0] for i in batch],
-                                    refine, target_ssim)
-                    z_symbols = np.rint(z - medians[None, :, None, None])
-                    scales, means = hyper_parameters(model, z_symbols)
+                    y, z_symbols, scales, means = _refine_batch(
+                        ref, x, z, (y, z_symbols, scales, means), qualities,
+                        [prepared[i][0] for i in batch], refine, target_ssim)
             with timer("entropy_encode"):
                 for k, i in enumerate(batch):
                     gain = model.rungs.get(qualities[k])
