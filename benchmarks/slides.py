@@ -12,12 +12,15 @@ conversion speed in megapixels (all levels) per second.
     python benchmarks/slides.py --json results.json
     python benchmarks/slides.py --target-ssim 0.95 --glass fill   # every codec at one bar
     python benchmarks/slides.py --jpeg-lattice auto off   # with and without the lattice
+    python benchmarks/slides.py --slides aperio/CMU-1-Small-Region.svs --glass fill \\
+        --target-ssim 0.95 --refine 100      # dlwsi also with latent refinement
 
 With ``--target-ssim S`` every codec converts with ``--target-ssim S`` (the quality
 chosen for level-0 tissue SSIM S as ``verify`` measures it) instead of its default
 setting, so the codecs meet the same quality bar and the sizes compare directly.
 ``--jpeg-lattice auto off`` converts each combination with level 0's JPEG lattice filter
-(the converter's default for JPEG slides) and without it.
+(the converter's default for JPEG slides) and without it. ``--refine STEPS`` adds a dlwsi
+row converted with ``--refine STEPS`` beside the plain one (hours per slide on a CPU).
 
 This is long on CPU (dlwsi encodes ~3 chunks/s/core); run it on a quiet machine.
 """
@@ -61,23 +64,29 @@ def cli(*args: object) -> list[str]:
 
 def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
           workdir: Path, target_ssim: float | None = None,
-          lattices: tuple[str, ...] = ("auto",)) -> list[dict]:
+          lattices: tuple[str, ...] = ("auto",), refine: int = 0) -> list[dict]:
     rows = []
-    combinations = [(glass, codec, lattice) for glass in glass_modes for lattice in lattices
-                    for codec in codecs]
+    variants = [(codec, 0) for codec in codecs]
+    if refine and "dlwsi" in codecs:
+        variants.insert(codecs.index("dlwsi") + 1, ("dlwsi", refine))
+    combinations = [(glass, codec, steps, lattice) for glass in glass_modes
+                    for lattice in lattices for codec, steps in variants]
     for rel in slides:
         src = SLIDES / rel
-        for glass, codec, lattice in combinations:
-            store = workdir / f"{Path(rel).stem}-{codec}-{glass}-{lattice}.zarr"
+        for glass, codec, steps, lattice in combinations:
+            store = workdir / f"{Path(rel).stem}-{codec}{steps or ''}-{glass}-{lattice}.zarr"
             args = [src, store, "--codec", codec, "--glass", glass, "--overwrite",
                     "--no-progress", "--jpeg-lattice", lattice]
+            if steps:
+                args += ["--refine", steps]
             if workers:
                 args += ["--workers", workers]
             if target_ssim is not None:
                 args += ["--target-ssim", target_ssim]
             conv, seconds, peak = run_measured(cli(*args))
             if conv.returncode != 0:
-                print(f"# {rel} {codec} {glass}: {conv.stderr.strip()}", file=sys.stderr)
+                print(f"# {rel} {codec} {glass} refine {steps}: {conv.stderr.strip()}",
+                      file=sys.stderr)
                 continue
             info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
                                              capture_output=True, text=True).stdout)
@@ -87,7 +96,8 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
             level0 = ver["levels"][0]
             megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
             rows.append({
-                "slide": rel, "codec": codec, "glass": glass,
+                "slide": rel, "codec": f"{codec} r{steps}" if steps else codec,
+                "refine": steps, "glass": glass,
                 "jpeg_lattice": info.get("jpeg_lattice") if lattice == "auto" else "off",
                 "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
                 "objects": info["objects"],
@@ -108,7 +118,7 @@ def table(rows: list[dict]) -> str:
 
     jpeg = {(r["slide"], r["glass"], lattice(r)): r["stored_bytes"] for r in rows
             if r["codec"] == "jpeg"}
-    lines = [f"{'slide':<34} {'glass':<5} {'lattice':<7} {'codec':<7} {'stored MiB':>10} "
+    lines = [f"{'slide':<34} {'glass':<5} {'lattice':<7} {'codec':<10} {'stored MiB':>10} "
              f"{'vs source':>9} "
              f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"
              "  chosen quality"]
@@ -120,14 +130,14 @@ def table(rows: list[dict]) -> str:
         ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
         psnr = "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}"
         lines.append(
-            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} {r['codec']:<7} "
+            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} {r['codec']:<10} "
             f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
             f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
             + (f"  {r['chosen_quality']}" if r.get("chosen_quality") is not None else ""))
     lines.append("vs source / vs JPEG: size reduction (positive = smaller). SSIM/PSNR: level 0, "
                  "tissue pixels (* all pixels: no tissue), vs the source.\n"
                  "MP/s: all levels' pixels / wall time. lattice: level 0 has the JPEG "
-                 "lattice filter.")
+                 "lattice filter. dlwsi rN: converted with --refine N.")
     return "\n".join(lines)
 
 
@@ -146,14 +156,18 @@ def main() -> None:
                    help="convert with every codec at --target-ssim S instead of its default")
     p.add_argument("--jpeg-lattice", nargs="+", default=["auto"], choices=["auto", "off"],
                    help="the converter's --jpeg-lattice; several: each combination with each")
+    p.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                   help="also convert with dlwsi --refine STEPS (latent refinement)")
     args = p.parse_args()
+    if args.refine < 0:
+        p.error("--refine must be 0 (off) or a number of steps")
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
-                     args.target_ssim, tuple(args.jpeg_lattice))
+                     args.target_ssim, tuple(args.jpeg_lattice), args.refine)
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -20,6 +20,10 @@ Example::
 
     python benchmarks/speed.py --tiles 16 --repeat 3 --batch 8 --json speed.json
     DLWSI_PROVIDER=cuda python benchmarks/speed.py --batch 16
+    python benchmarks/speed.py --tiles 4 --refine 100 --no-avif   # refinement's cost
+
+``--refine STEPS`` adds a row encoded with latent refinement (PyTorch; CUDA when it sees
+one), decoded by the same decoder as the plain rows.
 """
 
 from __future__ import annotations
@@ -276,30 +280,41 @@ def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
     }
 
 
-def bench_rate_control(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
-                       stat: str, target_ssim: float) -> dict:
-    """dlwsi encoding with ``target_ssim`` (each tile's rung chosen up to ``ref.quality``),
-    end to end, and decoding what it wrote."""
+def bench_encoder_option(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
+                         stat: str, target_ssim: float | None = None, refine: int = 0) -> dict:
+    """dlwsi encoding with an encoder option, end to end, and decoding what it wrote:
+    ``target_ssim`` (each tile's rung chosen up to ``ref.quality``) or ``refine`` (that many
+    steps of latent refinement per chunk, on CUDA when PyTorch sees one)."""
     pixels = sum(t.shape[1] * t.shape[2] for t in tiles)
 
     def encode(items: list, r: ModelRef) -> list[bytes]:
-        return encode_batch(items, r, target_ssim=target_ssim)
+        return encode_batch(items, r, target_ssim=target_ssim, refine=refine)
 
     samples: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeat):
         chunks, images = _time_round_trip(encode, tiles, ref, batch, samples)
     seconds = {name: summarize(values, stat) for name, values in samples.items()}
     rungs = [unpack(chunk)[0].quality for chunk in chunks]
-    return {
-        "codec": f"dlwsi ssim{target_ssim:g}<=q{ref.quality}",
+    if target_ssim is not None:
+        label = f"dlwsi ssim{target_ssim:g}<=q{ref.quality}"
+    else:
+        label = f"dlwsi q{ref.quality} refine {refine}"
+    row = {
+        "codec": label,
         "model": ref.model, "quality_cap": ref.quality, "target_ssim": target_ssim,
-        "batch": batch,
+        "refine": refine, "batch": batch,
         "encode_mps": pixels / 1e6 / seconds["encode"],
         "decode_mps": pixels / 1e6 / seconds["decode"],
         "bpp": bpp(chunks, pixels), "psnr_db": psnr(tiles, images),
         "rungs": {str(q): rungs.count(q) for q in sorted(set(rungs))},
         "seconds": seconds, "samples": dict(samples),
     }
+    if refine:
+        import torch  # refinement already needed it
+
+        row["refine_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() \
+            else f"cpu ({torch.get_num_threads()} torch threads)"
+    return row
 
 
 # ------------------------------------------------------------------------- baselines
@@ -448,7 +463,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target-ssim", type=float, default=None, metavar="S",
                         help="also time rate-controlled dlwsi encoding (each tile's rung "
                              "chosen for SSIM S, up to the timed quality), as ngff-convert "
-                             "does by default with 0.96")
+                             "--chunk-ssim S does")
+    parser.add_argument("--refine", type=int, default=0, metavar="STEPS",
+                        help="also time encoding with STEPS of latent refinement per chunk "
+                             "(ngff-convert --refine; PyTorch, on CUDA when it sees one)")
+    parser.add_argument("--refine-repeat", type=int, default=1, metavar="R",
+                        help="timed runs of the refined encoding (it is slow on CPU)"
+                             + DEFAULT)
     parser.add_argument("--single", action="store_true",
                         help="also time dlwsi with one chunk per call, to show what "
                              "batching buys")
@@ -475,9 +496,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write all settings, timings and results to PATH")
     args = parser.parse_args(argv)
-    for name in ("tiles", "repeat", "batch", "baseline_threads"):
+    for name in ("tiles", "repeat", "batch", "baseline_threads", "refine_repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.refine < 0:
+        parser.error("--refine must be 0 (off) or a number of steps")
     return args
 
 
@@ -548,7 +571,10 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
         print(f"  cold start          first encode_batch {cold['first_encode_batch']:.2f} s, "
               f"first decode_batch {cold['first_decode_batch']:.2f} s (load, ONNX sessions)")
     for row in controlled:
-        print(f"\n{row['codec']}: rungs chosen (quality: tiles) {row['rungs']}")
+        if row["target_ssim"] is not None:
+            print(f"\n{row['codec']}: rungs chosen (quality: tiles) {row['rungs']}")
+        if row["refine"]:
+            print(f"\n{row['codec']}: refinement ran on {row['refine_device']}")
     if ratios:
         print()
         print("speed ratios dlwsi / baseline (>1: dlwsi faster)")
@@ -593,8 +619,14 @@ def main(argv: list[str] | None = None) -> int:
         for ref in refs:
             print(f"timing dlwsi {ref.model} target SSIM {args.target_ssim} up to "
                   f"q{ref.quality} ...", file=sys.stderr)
-            controlled.append(bench_rate_control(tiles, ref, args.batch, args.repeat,
-                                                 args.stat, args.target_ssim))
+            controlled.append(bench_encoder_option(tiles, ref, args.batch, args.repeat,
+                                                   args.stat, target_ssim=args.target_ssim))
+    if args.refine:
+        for ref in refs:
+            print(f"timing dlwsi {ref.model} q{ref.quality} refine {args.refine} ...",
+                  file=sys.stderr)
+            controlled.append(bench_encoder_option(tiles, ref, args.batch, args.refine_repeat,
+                                                   args.stat, refine=args.refine))
     device = device_info(refs[0])
 
     baselines = []
