@@ -62,6 +62,11 @@ def cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "ngff_convert", *map(str, args)]
 
 
+def label(codec: str, refine: int) -> str:
+    """A row's name: the codec, and ``rN`` when it was converted with ``--refine N``."""
+    return f"{codec} r{refine}" if refine else codec
+
+
 def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
           workdir: Path, target_ssim: float | None = None,
           lattices: tuple[str, ...] = ("auto",), refine: int = 0) -> list[dict]:
@@ -85,7 +90,7 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
                 args += ["--target-ssim", target_ssim]
             conv, seconds, peak = run_measured(cli(*args))
             if conv.returncode != 0:
-                print(f"# {rel} {codec} {glass} refine {steps}: {conv.stderr.strip()}",
+                print(f"# {rel} {label(codec, steps)} {glass}: {conv.stderr.strip()}",
                       file=sys.stderr)
                 continue
             info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
@@ -96,8 +101,7 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
             level0 = ver["levels"][0]
             megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
             rows.append({
-                "slide": rel, "codec": f"{codec} r{steps}" if steps else codec,
-                "refine": steps, "glass": glass,
+                "slide": rel, "codec": codec, "refine": steps, "glass": glass,
                 "jpeg_lattice": info.get("jpeg_lattice") if lattice == "auto" else "off",
                 "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
                 "objects": info["objects"],
@@ -130,7 +134,8 @@ def table(rows: list[dict]) -> str:
         ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
         psnr = "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}"
         lines.append(
-            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} {r['codec']:<10} "
+            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} "
+            f"{label(r['codec'], r.get('refine', 0)):<10} "
             f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
             f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
             + (f"  {r['chosen_quality']}" if r.get("chosen_quality") is not None else ""))
