@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the bench extra installs it
 
 from numcodecs_dlwsi import runtime
 from numcodecs_dlwsi.bitstream import unpack
+from numcodecs_dlwsi.blas_threads import DEFAULT_BLAS_THREADS, ENV_BLAS_THREADS
 from numcodecs_dlwsi.image_codec import (
     decode_batch,
     decode_latents,
@@ -317,6 +318,74 @@ def bench_encoder_option(tiles: list[np.ndarray], ref: ModelRef, batch: int, rep
     return row
 
 
+# ------------------------------------------------------------------- through zarr
+
+
+REGION_TILES = 4  # a 2048x2048 region: 4x4 tiles, one shard of 4x4 chunks
+
+
+def mosaic(tiles: list[np.ndarray], side: int = REGION_TILES) -> np.ndarray:
+    """(3, side*512, side*512) of the tiles in raster order, reused cyclically."""
+    rows = [np.concatenate([tiles[(r * side + c) % len(tiles)] for c in range(side)], axis=2)
+            for r in range(side)]
+    return np.ascontiguousarray(np.concatenate(rows, axis=1))
+
+
+def zarr_codecs(ref: ModelRef, args: argparse.Namespace) -> dict[str, dict]:
+    """name -> the array's codecs, for dlwsi and each baseline at its benchmark settings,
+    as ngff-convert writes them (the baselines behind a transpose, with crc32c)."""
+    from ngff_convert.codecs import register_image_codecs
+
+    register_image_codecs()
+    transpose = [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}]
+    threads = args.baseline_threads
+    configs = {f"dlwsi q{ref.quality}": {
+        "filters": None, "compressors": None,
+        "serializer": {"name": "dlwsi", "configuration": {"model": ref.model,
+                                                          "quality": ref.quality}}}}
+    image_codecs = {
+        f"JPEG-XL d{args.jxl_distance:g}": ("imagecodecs_jpegxl", {
+            "distance": args.jxl_distance, "effort": args.jxl_effort, "lossless": False,
+            "numthreads": threads}),
+        f"AVIF q{args.avif_quality}": ("imagecodecs_avif", {
+            "level": args.avif_quality, "speed": args.avif_speed, "numthreads": threads}),
+    }
+    if args.no_avif:
+        image_codecs = {k: v for k, v in image_codecs.items() if not k.startswith("AVIF")}
+    for name, (codec_id, config) in image_codecs.items():
+        configs[name] = {"filters": transpose, "compressors": [{"name": "crc32c"}],
+                         "serializer": {"name": f"numcodecs.{codec_id}",
+                                        "configuration": config}}
+    return configs
+
+
+def bench_zarr_region(tiles: list[np.ndarray], ref: ModelRef, args: argparse.Namespace
+                      ) -> list[dict]:
+    """Read a whole 2048² region through zarr-python (its own chunk concurrency, one chunk
+    per codec call) from a sharded in-memory array per codec, in interleaved rounds."""
+    import zarr
+
+    image = mosaic(tiles)
+    arrays = {}
+    for name, codecs in zarr_codecs(ref, args).items():
+        array = zarr.create_array(zarr.storage.MemoryStore(), shape=image.shape,
+                                  chunks=(3, TILE, TILE), shards=image.shape, dtype="uint8",
+                                  fill_value=255, **codecs)
+        array[:] = image
+        arrays[name] = array
+    samples: dict[str, list[float]] = defaultdict(list)
+    decoded = {}
+    for _ in range(args.repeat):
+        for name, array in arrays.items():
+            seconds, decoded[name] = _timed(lambda a: a[:], array)
+            samples[name].append(seconds)
+    megapixels = image.shape[1] * image.shape[2] / 1e6
+    return [{"codec": name, "region": list(image.shape),
+             "read_mps": megapixels / summarize(samples[name], args.stat),
+             "psnr_db": psnr([image], [decoded[name]]), "samples": samples[name]}
+            for name in arrays]
+
+
 # ------------------------------------------------------------------------- baselines
 
 
@@ -420,7 +489,10 @@ def device_info(ref: ModelRef) -> dict:
         "providers_requested": list(providers),
         "providers_used": used,
         "DLWSI_PROVIDER": os.environ.get(runtime.ENV_PROVIDER, "auto"),
-        "DLWSI_THREADS": os.environ.get(runtime.ENV_THREADS, "0 (onnxruntime default)"),
+        "DLWSI_THREADS": os.environ.get(runtime.ENV_THREADS,
+                                        f"{runtime.DEFAULT_THREADS} (default)"),
+        "DLWSI_BLAS_THREADS": os.environ.get(ENV_BLAS_THREADS,
+                                             f"{DEFAULT_BLAS_THREADS} (default)"),
         "imagecodecs": imagecodecs.__version__,
         "numpy": np.__version__,
         "python": platform.python_version(),
@@ -493,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=None,
                         help="data root holding he/... (default: ../shared/data beside the "
                              "repository, or $DLWSI_DATA)")
+    parser.add_argument("--zarr-region", action="store_true",
+                        help="also read a 2048x2048 region (a 4x4 mosaic of the tiles) "
+                             "whole through zarr-python from a sharded array per codec")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH",
                         help="write all settings, timings and results to PATH")
     args = parser.parse_args(argv)
@@ -535,7 +610,8 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
     print(f"  onnxruntime    {device['onnxruntime']}: analysis {used['analysis']}, "
           f"synthesis {used['synthesis']}")
     print(f"  environment    DLWSI_PROVIDER={device['DLWSI_PROVIDER']} "
-          f"DLWSI_THREADS={device['DLWSI_THREADS']}")
+          f"DLWSI_THREADS={device['DLWSI_THREADS']} "
+          f"DLWSI_BLAS_THREADS={device['DLWSI_BLAS_THREADS']}")
     files = sorted({s["file"] for s in sources})
     overlapping = sum(s["overlaps"] for s in sources)
     overlap = f", {overlapping} overlapping others" if overlapping else ""
@@ -640,6 +716,17 @@ def main(argv: list[str] | None = None) -> int:
                "decode": d["decode_mps"] / b["decode_mps"]}
               for d in dlwsi + controlled for b in baselines]
     print_report(device, sources, dlwsi, baselines, ratios, args, controlled)
+    region = []
+    if args.zarr_region:
+        print("timing a 2048x2048 region read through zarr ...", file=sys.stderr)
+        region = bench_zarr_region(tiles, refs[0], args)
+        print()
+        print(f"{'2048x2048 region through zarr':<30}{'MP/s':>8}{'PSNR dB':>9}"
+              f"{'vs first baseline':>19}")
+        reference = region[1]["read_mps"] if len(region) > 1 else region[0]["read_mps"]
+        for row in region:
+            print(f"{row['codec']:<30}{row['read_mps']:>8.2f}{_fmt(row['psnr_db']):>9}"
+                  f"{row['read_mps'] / reference:>18.3f}x")
 
     if args.json:
         report = {
@@ -656,6 +743,7 @@ def main(argv: list[str] | None = None) -> int:
             "dlwsi_rate_control": controlled,
             "baselines": baselines,
             "ratios": ratios,
+            "zarr_region": region,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

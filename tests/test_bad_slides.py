@@ -115,11 +115,14 @@ def test_damaged_level0_fails_midway_and_store_stays_incomplete(
     args = [src, out, "--codec", "jpeg", "--no-progress", "--workers", "1", "--shard", "1"]
     proc = run_main(capsys, monkeypatch, *args)
     assert_one_line_error(proc, "damaged.tiff", "damaged or truncated")
-    assert (out / "zarr.json").exists()  # it failed after the store was created ...
-    assert_not_complete(out)  # ... which does not claim to be an image
+    work = tmp_path / "out.zarr.incomplete"  # written beside the target until complete
+    assert (work / "zarr.json").exists()  # it failed after the store was created ...
+    assert_not_complete(work)  # ... which does not claim to be an image
+    assert not out.exists()  # and nothing takes the target's name
     assert_one_line_error(run_main(capsys, monkeypatch, "info", out), "incomplete")
     assert_one_line_error(run_main(capsys, monkeypatch, *args, "--resume"), "damaged.tiff")
-    assert_not_complete(out)
+    assert_not_complete(work)
+    assert not out.exists()
 
 
 def _png_bytes() -> bytes:

@@ -109,20 +109,24 @@ def test_kill_local_then_resume(slides, tmp_path, capsys, monkeypatch, codec, se
         args += ["--shard", "1"]  # unsharded: many small objects; sharded: a few big ones
     proc = subprocess.Popen(convert_cmd(*args), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    work = tmp_path / "out.zarr.incomplete"  # where a local store is until complete
     record = kill_at_random_point(
-        proc, seed, lambda: sum(1 for p in out.rglob("*") if p.is_file()
-                                and p.suffix != ".partial") if out.exists() else 0,
+        proc, seed, lambda: sum(1 for p in work.rglob("*") if p.is_file()
+                                and p.suffix != ".partial") if work.exists() else 0,
         objects=40 if seed % 2 else 12)
     record.update(store="local", codec=codec, shard=1 if seed % 2 else 4)
-    meta = out / "zarr.json"
+    meta = out / "zarr.json" if out.exists() else work / "zarr.json"
     attrs = json.loads(meta.read_text())["attributes"] if meta.exists() else None
     check_killed_store(attrs, record)
+    if out.exists():  # only a complete store takes the target's name
+        assert attrs["ngff_convert"]["complete"] is True
     if record["state"] == "incomplete":
         with pytest.raises(ConvertError, match="incomplete"):
             info(str(out))
     code, _, err = run_main(capsys, monkeypatch, *args, "--resume")
     assert code == 0, err
-    attrs = json.loads(meta.read_text())["attributes"]
+    assert not work.exists()
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     assert attrs["ome"]["multiscales"] and attrs["ngff_convert"]["complete"] is True
     check_verify(verify(str(slides / CMU), str(out), Options(progress=False, workers=2)),
                  codec)

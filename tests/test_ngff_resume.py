@@ -31,15 +31,17 @@ def test_resume_after_kill(slides, tmp_path, codec):
             "--no-progress"]
     proc = subprocess.Popen(cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=os.environ.copy())
-    level0 = out / "0" / "c"
+    work = tmp_path / "out.zarr.incomplete"  # a local store is written beside its target
+    level0 = work / "0" / "c"
     kill_once_written(proc, lambda: sum(p.is_file() for p in level0.rglob("*"))
                       if level0.exists() else 0)
     # chunk objects of the killed run (zarr's *.partial temp files are not objects)
-    first = {p: p.stat().st_mtime_ns for p in level0.rglob("*")
+    first = {p.relative_to(work): p.stat().st_mtime_ns for p in level0.rglob("*")
              if p.is_file() and p.suffix != ".partial"}
     assert first
-    # a half-written store never looks complete
-    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    # a half-written store never looks complete, nor takes the target's name
+    assert not out.exists()
+    attrs = json.loads((work / "zarr.json").read_text())["attributes"]
     assert "ome" not in attrs and attrs["ngff_convert"]["complete"] is False
     info = subprocess.run(cli("info", out), capture_output=True, text=True)
     assert info.returncode != 0 and "incomplete" in info.stderr
@@ -51,8 +53,10 @@ def test_resume_after_kill(slides, tmp_path, codec):
     assert "already done" in done.stdout
     # the quality the killed run chose for --target-ssim (dlwsi's default) is kept
     assert "choosing" not in done.stderr
-    for path, mtime in first.items():
-        assert path.stat().st_mtime_ns == mtime, path
+    assert "found" in done.stderr and "remain" in done.stderr  # what it resumed
+    assert not work.exists()
+    for rel, mtime in first.items():  # renamed into place, never rewritten
+        assert (out / rel).stat().st_mtime_ns == mtime, rel
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     assert attrs["ome"]["multiscales"] and attrs["ngff_convert"]["complete"] is True
     # the result equals an uninterrupted conversion
@@ -74,14 +78,15 @@ def test_resume_with_other_settings_is_refused(slides, tmp_path):
     out = tmp_path / "out.zarr"
     args = [slides / CMU, out, "--codec", "jpeg", "--no-progress"]
     proc = subprocess.Popen(cli(*args, "--workers", "1"), stderr=subprocess.PIPE)
+    work = tmp_path / "out.zarr.incomplete"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "0" / "zarr.json").exists():
+    while time.monotonic() < deadline and not (work / "0" / "zarr.json").exists():
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    if not (out / "zarr.json").exists():
+    if not (work / "zarr.json").exists():
         pytest.skip("killed before the store was created")
-    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    attrs = json.loads((work / "zarr.json").read_text())["attributes"]
     if "ome" in attrs:
         pytest.skip("conversion finished before it could be killed")
     bad = subprocess.run(cli(*args, "--resume", "--glass", "keep"), capture_output=True,

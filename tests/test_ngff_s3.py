@@ -263,15 +263,33 @@ def test_existing_store_needs_overwrite(converted, s3, slides):
     proc = run_cli(env, slides / CMU, converted["url"], *s3.option(), "--no-progress",
                    check=False)
     assert_one_line_error(proc, "already exists", "--overwrite")
-    # --overwrite replaces it (jpeg: quick); the old objects are gone
+    # --overwrite replaces a store of ours (jpeg: quick)
     url = f"s3://{BUCKET}/overwrite.zarr"
-    run_cli(env, slides / CMU, url, *s3.option(), "--codec", "jpeg", "--no-progress")
-    s3.client.put_object(Bucket=BUCKET, Key="overwrite.zarr/stray", Body=b"x")
+    run_cli(env, slides / CMU, url, *s3.option(), "--codec", "jpeg", "--quality", "50",
+            "--no-progress")
     proc = run_cli(env, slides / CMU, url, *s3.option(), "--codec", "jpeg", "--no-progress",
                    "--overwrite")
     keys = s3.keys("overwrite.zarr")
-    assert "stray" not in keys
     assert f"in {len(keys)} objects" in proc.stdout  # the summary counts what is there
+    level0 = json.loads(s3.client.get_object(Bucket=BUCKET, Key="overwrite.zarr/0/zarr.json")
+                        ["Body"].read())
+    assert '"level": 90' in json.dumps(level0)  # the new store, not the old one
+    # ... but never a prefix that holds anything else, nor a bucket's root
+    s3.client.put_object(Bucket=BUCKET, Key="overwrite.zarr/stray", Body=b"x")
+    before = s3.keys("overwrite.zarr")
+    proc = run_cli(env, slides / CMU, url, *s3.option(), "--codec", "jpeg", "--no-progress",
+                   "--overwrite", check=False)
+    assert_one_line_error(proc, "did not write", "stray")
+    assert s3.keys("overwrite.zarr") == before
+    def everything() -> list[str]:
+        listing = s3.client.list_objects_v2(Bucket=BUCKET)
+        return sorted(o["Key"] for o in listing.get("Contents", []))
+
+    objects = everything()
+    proc = run_cli(env, slides / CMU, f"s3://{BUCKET}", *s3.option(), "--codec", "jpeg",
+                   "--no-progress", "--overwrite", check=False)
+    assert_one_line_error(proc, "bucket's root")
+    assert objects and everything() == objects
 
 
 # ---------------------------------------------------------------------------- resume

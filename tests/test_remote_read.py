@@ -435,3 +435,47 @@ def test_s3_sharded_region(stores, s3_server, tmp_path):
     # metadata: HEAD/GET of zarr.json, probes for a v2 group (HEAD and a listing each)
     assert len(meta) <= 12, meta
     assert sum(r.nbytes for r in log) < 0.3 * store_bytes(store)
+
+
+# ------------------------------------------------- a static server without byte ranges
+
+
+@pytest.fixture(scope="module")
+def plain_http_server(stores):
+    """Python's own ``http.server``, which ignores the Range header (sends whole files)."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(stores)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_server_without_ranges_is_named(stores, plain_http_server, tmp_path):
+    """A sharded store on a server that ignores byte ranges: one line naming the cause and
+    the fixes, instead of zarr's checksum mismatch; an unsharded (NGFF 0.4) store reads
+    from the same server, and ``check`` decodes every chunk of it over HTTP."""
+    base = f"http://127.0.0.1:{plain_http_server.server_port}"
+    env = clean_env(tmp_path)
+    for command in ("info", "check"):
+        proc = subprocess.run([sys.executable, "-m", "ngff_convert", command,
+                               f"{base}/v05.zarr"], capture_output=True, text=True,
+                              timeout=300, env=env)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert "ignores HTTP byte ranges" in line and "--ngff 0.4" in line, line
+    proc = subprocess.run([sys.executable, "-m", "ngff_convert", "check", f"{base}/v04.zarr",
+                           "--no-progress"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "no damage found" in proc.stdout

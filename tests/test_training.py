@@ -329,4 +329,6 @@ def test_a_release_becomes_a_checkpoint_that_exports_back_and_trains(tmp_path, m
                          init=str(run / "checkpoint.pt"))
     train(tmp_path / "continued", config, log_every=1, val_every=100, data_root=data_root)
     log = json.loads((tmp_path / "continued" / "log.jsonl").read_text().splitlines()[-1])
-    assert log["step"] == 1 and 30 < log["psnr"] < 50  # the release's quality, not noise
+    # the release's quality on the held-out tiles, not noise (two random training crops
+    # are too few to judge: 28-35 dB depending on which crops the machine's data gives)
+    assert log["step"] == 1 and 30 < log["val_psnr"] < 50

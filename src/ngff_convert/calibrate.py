@@ -56,6 +56,8 @@ class Calibration:
     tried: dict[int, float] = field(default_factory=dict)
     refine: int = 0  # dlwsi latent refinement steps of the store (and of tried_refined)
     tried_refined: dict[int, float] = field(default_factory=dict)
+    #: stored bits per level-0 pixel of the sample at ``quality`` (None: not measured)
+    bits_per_pixel: float | None = None
 
     def as_dict(self) -> dict[str, object]:
         d: dict[str, object] = {
@@ -66,6 +68,8 @@ class Calibration:
             d["refine"] = self.refine
             d["tried_refined"] = {str(q): round(s, 5)
                                   for q, s in sorted(self.tried_refined.items())}
+        if self.bits_per_pixel is not None:
+            d["bits_per_pixel"] = round(self.bits_per_pixel, 4)
         return d
 
     @classmethod
@@ -75,7 +79,9 @@ class Calibration:
                    bool(d["reached"]), int(d["chunks"]),
                    {int(q): float(v) for q, v in dict(d.get("tried", {})).items()},
                    int(d.get("refine", 0)),
-                   {int(q): float(v) for q, v in dict(d.get("tried_refined", {})).items()})
+                   {int(q): float(v) for q, v in dict(d.get("tried_refined", {})).items()},
+                   float(d["bits_per_pixel"]) if d.get("bits_per_pixel") is not None
+                   else None)
 
 
 @dataclass(frozen=True)
@@ -110,44 +116,86 @@ def _read_sample(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
 
 
 def _round_trip(choice: CodecChoice, codec: object, chunk: np.ndarray, side: int,
-                restore: object | None = None) -> np.ndarray:
+                restore: object | None = None) -> tuple[np.ndarray, int]:
     """``chunk`` coded and decoded as Zarr does it: an edge chunk padded to the full
     chunk shape with the fill value (white) first, and the decoded chunk passed through
     ``restore`` (level 0's JPEG lattice filter, if any)."""
     _, h, w = chunk.shape
     full = np.pad(chunk, ((0, 0), (0, side - h), (0, side - w)), constant_values=WHITE)
     image = np.ascontiguousarray(full.transpose(1, 2, 0)) if choice.channels_last else full
-    decoded = np.asarray(codec.decode(codec.encode(image)))  # type: ignore[attr-defined]
-    decoded = decoded.reshape(image.shape)
+    encoded = codec.encode(image)  # type: ignore[attr-defined]
+    decoded = np.asarray(codec.decode(encoded)).reshape(image.shape)  # type: ignore[attr-defined]
     decoded = decoded.transpose(2, 0, 1) if choice.channels_last else decoded
     if restore is not None:
         decoded = np.asarray(restore.decode(np.ascontiguousarray(decoded)))  # type: ignore[attr-defined]
-    return decoded[:, :h, :w]
+    return decoded[:, :h, :w], len(encoded)
+
+
+class _TrialProgress:
+    """A progress bar over the trial encodes (or nothing): a bisection's trial count is
+    known up front, a refined walk's grows as it goes."""
+
+    def __init__(self, enabled: bool, chunks: int, trials: int) -> None:
+        self.chunks = chunks
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=chunks * trials, desc="choosing the quality",
+                            unit="chunk", leave=False)
+
+    def chunk_done(self) -> None:
+        if self.bar is not None:
+            if self.bar.n >= self.bar.total:
+                self.bar.total += self.chunks
+            self.bar.update()
+
+    def log(self, log: Callable[[str], None]) -> Callable[[str], None]:
+        """``log`` printing above the bar instead of through it."""
+        if self.bar is None:
+            return log
+
+        def above(message: str) -> None:
+            with self.bar.external_write_mode():
+                log(message)
+        return above
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _sample_ssim(choice: CodecChoice, quality: int, sample: list[_SampleChunk], side: int,
                  pool: ThreadPoolExecutor, restore: object | None = None,
-                 refine: int = 0) -> float:
+                 refine: int = 0, progress: _TrialProgress | None = None
+                 ) -> tuple[float, float]:
+    """(tissue SSIM, stored bits per pixel) of the sample coded at ``quality``."""
     codec = image_codec(choice, quality, refine)
 
-    def sums(chunk: _SampleChunk) -> tuple[float, int]:
-        ssim = ssim_map(_round_trip(choice, codec, chunk.coded, side, restore), chunk.source)
-        return float(ssim[chunk.tissue].sum()), int(chunk.tissue.sum())
+    def sums(chunk: _SampleChunk) -> tuple[float, int, int]:
+        decoded, nbytes = _round_trip(choice, codec, chunk.coded, side, restore)
+        ssim = ssim_map(decoded, chunk.source)
+        if progress is not None:
+            progress.chunk_done()
+        return float(ssim[chunk.tissue].sum()), int(chunk.tissue.sum()), nbytes
 
     totals = list(pool.map(sums, sample))
-    pixels = sum(n for _, n in totals)
-    return sum(s for s, _ in totals) / pixels if pixels else 1.0
+    pixels = sum(n for _, n, _ in totals)
+    area = sum(chunk.source.shape[1] * chunk.source.shape[2] for chunk in sample)
+    bits = 8.0 * sum(b for _, _, b in totals) / area if area else 0.0
+    return (sum(s for s, _, _ in totals) / pixels if pixels else 1.0), bits
 
 
 def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int,
                    choice: CodecChoice, target_ssim: float, workers: int | None = None,
                    log: Callable[[str], None] = print, restore: object | None = None,
-                   refine: int = 0) -> Calibration:
+                   refine: int = 0, progress: bool = False) -> Calibration:
     """The lowest quality of ``choice`` whose sampled level-0 tissue SSIM reaches
     ``target_ssim`` (the highest quality, with ``reached`` False, when none does).
     ``restore``: level 0's JPEG lattice filter, applied to every decoded chunk as the
     store's reader will. ``refine``: dlwsi's latent refinement steps the store is
-    written with (see the module's docstring)."""
+    written with (see the module's docstring). ``progress``: a progress bar over the
+    trial encodes."""
     if not 0.0 < target_ssim < 1.0:
         raise ConvertError(f"--target-ssim must be between 0 and 1, got {target_ssim}")
     lowest, highest = low, high = quality_range(choice)
@@ -155,47 +203,61 @@ def choose_quality(info: SlideInfo, tissue: TissueMask, glass: Glass, chunk: int
     if not positions:  # nothing but glass: any quality stores the same (nothing)
         return Calibration(target_ssim, high, 1.0, True, 0)
     tried: dict[int, float] = {}
+    bits: dict[int, float] = {}
     chosen = None
     # one trial encode per core, as the conversion runs them: more would only add
     # onnxruntime arenas (6 concurrent dlwsi encodes peaked 1 GiB above the conversion)
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         sample = list(pool.map(lambda p: _read_sample(info, tissue, glass, chunk, p),
                                 positions))
+        trials = (high - low + 1).bit_length()  # a bisection's trial encodes
         log(f"choosing the {choice.name} quality for level-0 tissue SSIM {target_ssim} on "
-            f"{len(sample)} chunks")
-        while low <= high:  # bisection for the lowest quality reaching the target
-            middle = (low + high) // 2
-            tried[middle] = _sample_ssim(choice, middle, sample, chunk, pool, restore)
-            log(f"  quality {middle}: tissue SSIM {tried[middle]:.4f}")
-            if tried[middle] >= target_ssim:
-                chosen, high = middle, middle - 1
-            else:
-                low = middle + 1
-        if refine:
-            return _with_refinement(choice, target_ssim, sample, chunk, pool, restore, refine,
-                                    tried, chosen if chosen is not None else max(tried),
-                                    (lowest, highest), log)
+            f"{len(sample)} chunks (about {trials} trial encodes of each)")
+        bar = _TrialProgress(progress, len(sample), trials + (2 if refine else 0))
+        log = bar.log(log)
+        try:
+            while low <= high:  # bisection for the lowest quality reaching the target
+                middle = (low + high) // 2
+                tried[middle], bits[middle] = _sample_ssim(choice, middle, sample, chunk,
+                                                           pool, restore, progress=bar)
+                log(f"  quality {middle}: tissue SSIM {tried[middle]:.4f}")
+                if tried[middle] >= target_ssim:
+                    chosen, high = middle, middle - 1
+                else:
+                    low = middle + 1
+            if refine:
+                return _with_refinement(choice, target_ssim, sample, chunk, pool, restore,
+                                        refine, tried,
+                                        chosen if chosen is not None else max(tried),
+                                        (lowest, highest), log, bar)
+        finally:
+            bar.close()
     if chosen is None:
         top = max(tried)
         log(f"no {choice.name} quality reaches tissue SSIM {target_ssim}; using the highest, "
             f"{top}")
-        return Calibration(target_ssim, top, tried[top], False, len(sample), tried)
+        return Calibration(target_ssim, top, tried[top], False, len(sample), tried,
+                           bits_per_pixel=bits[top])
     log(f"  chose quality {chosen}")
-    return Calibration(target_ssim, chosen, tried[chosen], True, len(sample), tried)
+    return Calibration(target_ssim, chosen, tried[chosen], True, len(sample), tried,
+                       bits_per_pixel=bits[chosen])
 
 
 def _with_refinement(choice: CodecChoice, target_ssim: float, sample: list[_SampleChunk],
                      side: int, pool: ThreadPoolExecutor, restore: object | None,
                      refine: int, tried: dict[int, float], start: int,
-                     qualities: tuple[int, int], log: Callable[[str], None]) -> Calibration:
+                     qualities: tuple[int, int], log: Callable[[str], None],
+                     progress: _TrialProgress | None = None) -> Calibration:
     """From the plain search's answer ``start``, the lowest quality (of ``qualities``, the
     codec's range) whose *refined* trial reaches the target: down while the one below
     does, up while the current one misses."""
     low, high = qualities
     refined: dict[int, float] = {}
+    bits: dict[int, float] = {}
 
     def trial(quality: int) -> bool:
-        refined[quality] = _sample_ssim(choice, quality, sample, side, pool, restore, refine)
+        refined[quality], bits[quality] = _sample_ssim(choice, quality, sample, side, pool,
+                                                       restore, refine, progress)
         log(f"  quality {quality} with {refine} refinement steps: tissue SSIM "
             f"{refined[quality]:.4f}")
         return refined[quality] >= target_ssim
@@ -216,4 +278,4 @@ def _with_refinement(choice: CodecChoice, target_ssim: float, sample: list[_Samp
     else:
         log(f"  chose quality {quality} (refined)")
     return Calibration(target_ssim, quality, refined[quality], reached, len(sample), tried,
-                       refine, refined)
+                       refine, refined, bits[quality])

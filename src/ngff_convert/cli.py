@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import ConvertError, __version__
+from . import ConvertError, ConvertInterrupted, __version__
 from .codecs import CODECS, DEFAULT_TARGET_SSIM
 from .tissue import Glass, MaskParams
 
@@ -19,6 +19,8 @@ DICOM, MIRAX, ...) to a multiscale OME-Zarr image, glass removed.
   ngff-convert SLIDE OUT [options]        convert (NGFF 0.5, dlwsi codec, glass fill)
   ngff-convert verify SLIDE OUT           per-level PSNR/SSIM and sizes vs the source
   ngff-convert info OUT                   levels, shapes, codec, stored vs raw bytes
+  ngff-convert check OUT                  decode every stored chunk, list damaged ones
+  ngff-convert extract OUT ROW COL -o F   a zero-loss store's level-0 tile, as the JPEG
 
 OUT is a local path or an fsspec URL (s3://bucket/out.zarr, gs://..., file://...);
 object-store credentials come from the usual places (environment, config files): for
@@ -98,9 +100,25 @@ def convert_parser() -> argparse.ArgumentParser:
                         "filter, which snaps what the codec decodes back onto the source's "
                         "JPEG lattice when it is read (higher fidelity for the same bytes, "
                         "with every codec); off: never")
+    p.add_argument("--level0", choices=["auto", "transcode", "lossy"], default="auto",
+                   help="how level 0 is stored. transcode: zero loss, the source's own JPEG "
+                        "tiles recompressed losslessly as JPEG-XL (about 0.74 of their "
+                        "bytes; any reader decodes exactly the source's pixels, and "
+                        "'ngff-convert extract' gives back each tile's JPEG byte for byte; "
+                        "JPEG-tiled SVS and generic TIFF, NGFF 0.5). lossy: coded with "
+                        "--codec like the other levels. auto (default): transcode whenever "
+                        "it is not larger than the lossy copy on the quality sample "
+                        "(with a fixed --quality: lossy). Lower levels are always coded "
+                        "with --codec")
     p.add_argument("--associated", action="store_true",
                    help="also store label/macro/thumbnail images under associated/ "
                         "(off by default: labels and macros can show patient identifiers)")
+    p.add_argument("--keep-properties", action="store_true",
+                   help="keep every OpenSlide property of the source (aperio.Filename, "
+                        "aperio.User, aperio.Date, scanner IDs, tiff.ImageDescription, ...) "
+                        "and name the image after the source file (off by default: only "
+                        "vendor, pixel size, objective power, level geometry and the "
+                        "source's SHA-256 are kept; docs/converter.md)")
     _add_storage_option(p)
     m = p.add_argument_group("tissue mask")
     m.add_argument("--saturation-threshold", default="0.07",
@@ -121,9 +139,14 @@ def convert_parser() -> argparse.ArgumentParser:
                    help="threads for the local scheduler (default: CPU count)")
     r.add_argument("--scheduler", metavar="ADDRESS",
                    help="a dask.distributed scheduler (e.g. tcp://host:8786) to run on")
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output, only if ngff-convert wrote it and it "
+                        "holds nothing else (never a folder with other files, the input, or "
+                        "a bucket's root); a local store is replaced only once the new one "
+                        "is complete")
     r.add_argument("--resume", action="store_true",
-                   help="finish an interrupted conversion, keeping what is written")
+                   help="finish an interrupted conversion (a local one waits in "
+                        "OUT.incomplete), keeping the chosen quality and what is written")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--version", action="version", version=f"ngff-convert {__version__}")
@@ -146,6 +169,59 @@ def verify_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ngff-convert check",
+        description="Decode every stored chunk of every level of a converted image, in "
+                    "parallel, and list each damaged chunk by level, chunk index and the "
+                    "object holding it. Exit 1 when any chunk is damaged.")
+    p.add_argument("out")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--workers", type=int, default=None,
+                   help="decoding threads (default: CPU count)")
+    _add_storage_option(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def extract_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ngff-convert extract",
+        description="Write the source's JPEG of one level-0 tile of a zero-loss store "
+                    "(--level0 transcode), byte for byte as the slide file held it (its "
+                    "tables merged in). Tiles are numbered from the top left, in the "
+                    "scanner's tile grid (ngff-convert info shows the tile size).")
+    p.add_argument("out", help="the store")
+    p.add_argument("row", type=int, help="tile row (0 at the top)")
+    p.add_argument("column", type=int, help="tile column (0 at the left)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.jpg",
+                   help="where to write the JPEG ('-' for standard output)")
+    _add_storage_option(p)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _run_extract(args: argparse.Namespace) -> int:
+    from .convert import extract_tile
+    from .store import parse_storage_options
+
+    jpeg = extract_tile(args.out, args.row, args.column,
+                        parse_storage_options(args.storage_options))
+    if args.output == "-":
+        sys.stdout.buffer.write(jpeg)
+        return 0
+    try:
+        with open(args.output, "xb") as f:
+            f.write(jpeg)
+    except FileExistsError:
+        raise ConvertError(f"{args.output}: already exists; not replacing it") from None
+    except OSError as exc:
+        raise ConvertError(f"{args.output}: cannot write: {exc.strerror or exc}") from None
+    print(f"{args.output}: tile {args.row},{args.column}, {len(jpeg)} bytes of JPEG")
+    return 0
+
+
 def info_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ngff-convert info",
                                 description="Describe a converted image.")
@@ -154,6 +230,10 @@ def info_parser() -> argparse.ArgumentParser:
     _add_storage_option(p)
     p.add_argument("--debug", action="store_true")
     return p
+
+
+def _figure(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def _mib(n: float | None) -> str:
@@ -185,6 +265,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         chunk_ssim=args.chunk_ssim, refine=args.refine, ngff=args.ngff,
         glass=Glass(args.glass),
         chunk=args.chunk, shard=args.shard, associated=args.associated,
+        keep_properties=args.keep_properties, level0=args.level0,
         jpeg_lattice=args.jpeg_lattice == "auto",
         mask=MaskParams(saturation=saturation, brightness=args.brightness_threshold,
                         min_area=args.min_tissue, dilate=args.mask_dilate),
@@ -228,13 +309,59 @@ def _run_info(args: argparse.Namespace) -> int:
               "chunks" + (f", {choice['refine']} refinement steps" if choice.get("refine")
                           else "")
               + ("" if choice["reached"] else " (the highest; target not reached)"))
-    if d.get("jpeg_lattice"):
+    level0 = d.get("level0")
+    if level0:
+        tiles = level0.get("tiles")
+        print(f"level 0: {'zero loss' if level0['mode'] == 'transcode' else 'lossy'} "
+              f"({level0['reason']})"
+              + (f"; {tiles['transcoded']} tiles recompressed as JPEG-XL, "
+                 f"{tiles['kept_as_jpeg']} kept as JPEG, {tiles['not_stored']} not stored "
+                 "(glass)" if tiles else ""))
+    if d.get("jpeg_lattice") and (not level0 or level0["mode"] != "transcode"):
         print(f"JPEG lattice: {d['jpeg_lattice']}")
     print(f"total: {_mib(d['stored_bytes'])} stored in {d['objects']} objects, "
           f"{_mib(d['raw_bytes'])} raw"
           + (f", source file {_mib(src)} (stored = {d['stored_bytes'] / src:.1%} of it)"
              if src else ""))
     return 0
+
+
+def _damage_line(d: dict) -> str:
+    return (f"level {d['level']}, chunk {d['chunk'][0]},{d['chunk'][1]} (object {d['key']}): "
+            f"{d['error']}")
+
+
+def _print_damage(damaged: list[dict]) -> None:
+    for d in damaged:
+        print(f"damaged: {_damage_line(d)}")
+
+
+def _damage_error(store: str, damaged: list[dict], note: str = "") -> int:
+    """The closing error line of a store with chunks that do not decode: exit 1."""
+    count = f"{len(damaged)} chunk{'s' if len(damaged) > 1 else ''}"
+    print(f"ngff-convert: error: {store}: {count} cannot be decoded{note} (first: "
+          f"{_damage_line(damaged[0])})", file=sys.stderr)
+    return 1
+
+
+def _run_check(args: argparse.Namespace) -> int:
+    from .convert import Options, check
+    from .store import parse_storage_options
+
+    if args.workers is not None and args.workers < 1:
+        raise ConvertError(f"--workers must be >= 1, got {args.workers}")
+    d = check(args.out, Options(workers=args.workers, progress=not args.no_progress,
+                                storage_options=parse_storage_options(args.storage_options)))
+    if args.json:
+        print(json.dumps(d, indent=2))
+    else:
+        _print_damage(d["damaged"])
+        levels = ", ".join(f"level {lv['path']} {lv['chunks_checked']}"
+                           + (f" ({lv['damaged']} damaged)" if lv["damaged"] else "")
+                           for lv in d["levels"])
+        print(f"{d['store']}: {d['chunks_checked']} chunks decoded ({levels}); "
+              + (f"{len(d['damaged'])} damaged" if d["damaged"] else "no damage found"))
+    return _damage_error(d["store"], d["damaged"]) if d["damaged"] else 0
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -250,7 +377,7 @@ def _run_verify(args: argparse.Namespace) -> int:
         print(f"{d['store']} vs {d['source']}")
         print(f"{'level':>5} {'shape (c,y,x)':>20} {'tissue':>7} {'PSNR tis.':>10} "
               f"{'SSIM tis.':>10} {'worst blk':>9} {'PSNR all':>9} {'SSIM all':>9} "
-              f"{'stored':>12}")
+              f"{'stored':>12} {'damaged':>8}")
         for lv in d["levels"]:
             pt = "-" if lv["psnr_tissue"] is None else f"{lv['psnr_tissue']:.2f}"
             st = "-" if lv["ssim_tissue"] is None else f"{lv['ssim_tissue']:.4f}"
@@ -258,15 +385,33 @@ def _run_verify(args: argparse.Namespace) -> int:
             wt = "-" if worst is None else f"{worst['ssim_tissue']:.4f}"
             print(f"{lv['path']:>5} {str(tuple(lv['shape'])):>20} "
                   f"{lv['tissue_fraction']:>7.0%} {pt:>10} {st:>10} {wt:>9} "
-                  f"{lv['psnr_all']:>9.2f} {lv['ssim_all']:>9.4f} "
-                  f"{_mib(lv['stored_bytes']):>12}")
+                  f"{_figure(lv['psnr_all'], 2):>9} {_figure(lv['ssim_all'], 4):>9} "
+                  f"{_mib(lv['stored_bytes']):>12} {lv['damaged_chunks']:>8}")
         print(f"stored {_mib(d['stored_bytes'])} vs source file {_mib(d['source_bytes'])} "
               f"({d['stored_bytes'] / d['source_bytes']:.1%} of it)")
+        tiles = d.get("level0_tiles")
+        if tiles is not None:
+            print(f"level 0 keeps the source's tiles: {tiles['stored']} stored, "
+                  f"{tiles['jpeg_identical']} give back the source's JPEG byte for byte, "
+                  f"{tiles['pixels_identical']} decode to the source's pixels exactly; "
+                  f"{tiles['not_stored']} not stored (glass)")
+            for bad in tiles["differing"]:
+                print(f"differs: level-0 tile {bad['tile'][0]},{bad['tile'][1]}: "
+                      + (bad["error"] if "error" in bad else
+                         f"JPEG {'identical' if bad['jpeg'] else 'differs'}, pixels "
+                         f"{'identical' if bad['pixels'] else 'differ'}"))
+        _print_damage(d["damaged"])
         worst = d["levels"][0]["worst_block"]
         if worst is not None:
             print(f"worst block: level 0, {worst['size']}x{worst['size']} at x={worst['x']} "
                   f"y={worst['y']}, tissue SSIM {worst['ssim_tissue']:.4f} "
                   f"(lowest of {worst['blocks_measured']} blocks at least a quarter tissue)")
+    if d["damaged"]:
+        return _damage_error(d["store"], d["damaged"], ", left out of the figures")
+    if d.get("level0_tiles") and d["level0_tiles"]["differing"]:
+        print(f"ngff-convert: error: {d['store']}: {len(d['level0_tiles']['differing'])} "
+              "level-0 tiles differ from the source", file=sys.stderr)
+        return 1
     if args.min_ssim is not None:
         level0 = d["levels"][0]
         ssim = level0["ssim_tissue"] if level0["ssim_tissue"] is not None else level0["ssim_all"]
@@ -277,7 +422,8 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"verify": (verify_parser, _run_verify), "info": (info_parser, _run_info)}
+COMMANDS = {"verify": (verify_parser, _run_verify), "info": (info_parser, _run_info),
+            "check": (check_parser, _run_check), "extract": (extract_parser, _run_extract)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,6 +438,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = make().parse_args(argv)
     try:
         return run(args)
+    except ConvertInterrupted as exc:
+        print(f"ngff-convert: {exc}", file=sys.stderr)
+        return 130
     except ConvertError as exc:
         print(f"ngff-convert: error: {exc}", file=sys.stderr)
         _quiet_exit(args)
@@ -301,7 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               "numcodecs-dlwsi[convert]", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ngff-convert: interrupted; re-run with --resume to finish", file=sys.stderr)
+        print("ngff-convert: interrupted" + ("" if run is not _run_convert else
+                                             " before anything was written; nothing to "
+                                             "resume"), file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - one line for users, --debug for developers
         if getattr(args, "debug", False) or os.environ.get("NGFF_CONVERT_DEBUG"):

@@ -2,9 +2,9 @@
 
 The converter never imports a codec implementation: dlwsi is found by Zarr (v3) and
 numcodecs (v2) through its entry points; the baselines come from ``imagecodecs.numcodecs``,
-registered with numcodecs and, for Zarr v3, wrapped as ``numcodecs.imagecodecs_*``
-array-to-bytes codecs (the same wrapper Zarr uses for numcodecs' own codecs). A reader of a
-baseline store must call :func:`register_image_codecs` too; dlwsi stores need nothing.
+wrapped for Zarr v3 as ``numcodecs.imagecodecs_*`` array-to-bytes codecs
+(``image_codecs.py``), which the package declares as entry points too: a reader of any
+store needs nothing but the installed package.
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None
         "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
         "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
                        "configuration": _params(choice, quality, chunk_ssim, refine)},
-        "compressors": None,
+        # dlwsi chunks carry a CRC of their own; the classical codecs' do not, and a
+        # damaged one would decode to wrong pixels or fail deep inside its library
+        "compressors": [{"name": "crc32c"}],
     }
 
 
@@ -173,39 +175,21 @@ _REGISTERED = False
 
 
 def register_image_codecs() -> None:
-    """Make imagecodecs' numcodecs codecs known to numcodecs and to Zarr v3 (idempotent)."""
+    """Make imagecodecs' codecs known to numcodecs and Zarr 3 in this process (idempotent).
+    The package's entry points do the same for any process; this covers a source tree
+    run without installing."""
     global _REGISTERED
     if _REGISTERED:
         return
-    import warnings
-
     import imagecodecs.numcodecs
     from zarr.registry import register_codec
 
-    # zarr warns at every instantiation that numcodecs.* codecs are outside the v3 spec
-    warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
+    from .image_codecs import CLASSES
+
     imagecodecs.numcodecs.register_codecs(verbose=False)
-    for choice in CODECS.values():
-        if choice.channels_last:
-            register_codec(f"numcodecs.{choice.numcodecs_id}",
-                           _image_codec_class(choice.numcodecs_id))
+    for name, cls in CLASSES.items():
+        register_codec(name, cls)
     _REGISTERED = True
-
-
-def _image_codec_class(numcodecs_id: str) -> type:
-    """Zarr's numcodecs array-to-bytes wrapper, handing the codec contiguous chunks (the
-    transpose filter before it passes a strided view, which imagecodecs refuses)."""
-    import numpy as np
-    from zarr.codecs.numcodecs import _NumcodecsArrayBytesCodec
-
-    class ImageCodec(_NumcodecsArrayBytesCodec, codec_name=numcodecs_id):
-        async def _encode_single(self, chunk_data: Any, chunk_spec: Any) -> Any:
-            contiguous = np.ascontiguousarray(chunk_data.as_ndarray_like())
-            chunk = chunk_spec.prototype.nd_buffer.from_ndarray_like(contiguous)
-            return await super()._encode_single(chunk, chunk_spec)
-
-    ImageCodec.__name__ = ImageCodec.__qualname__ = f"Zarr3_{numcodecs_id}"
-    return ImageCodec
 
 
 def describe_v3(codecs: list[dict[str, Any]]) -> str:

@@ -13,15 +13,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 import zarr
 
-from . import ConvertError, __version__, ngff
+from . import ConvertError, ConvertInterrupted, __version__, ngff, provenance
 from .calibrate import Calibration, choose_quality, sample_positions
+from .check import DamageLog, check_store, read_region
 from .codecs import (
     codec_choice,
     describe_v3,
@@ -31,12 +31,38 @@ from .codecs import (
     v3_codecs,
     with_jpeg_lattice,
 )
+from .destination import (
+    Destination,
+    discard_if_empty,
+    interrupted_message,
+    prepare,
+    publish,
+    work_sibling,
+)
 from .fidelity import in_tissue, ssim_map
 from .jpeg_source import MIN_CLOSE, SourceLattice, close_share, read_lattice
+from .jpeg_tiles import JpegTiles, find_jpeg_tiles
+from .provenance import source_bytes, source_files
 from .pyramid import Layout, level_shapes, pyramid
 from .slide import SlideInfo, associated_image, open_slide, read_rgb
-from .store import PROGRESS_KEY, Output, check_writable, create_level, open_output
+from .store import (
+    PROGRESS_KEY,
+    Output,
+    check_range_support,
+    check_writable,
+    create_level,
+    open_output,
+)
 from .tissue import Glass, MaskParams, TissueMask, mask_downsample, preview, thumbnail, tissue_mask
+from .transcode import (
+    Level0Plan,
+    ZeroLossLevel0,
+    plan_level0,
+    stored_chunk,
+    tile_codec,
+    tiles_per_block,
+    verify_tiles,
+)
 
 BATCH_SIZE = 16  # chunks per codec call: dlwsi encodes a batch at once
 #: level-0 tissue chunks on which a JPEG lattice read from the headers is checked
@@ -55,6 +81,8 @@ class Options:
     chunk: int = 512
     shard: int = 4  # chunks per shard side (NGFF 0.5); 1 = no sharding
     associated: bool = False
+    level0: str = "auto"  # auto | transcode | lossy (transcode.py)
+    keep_properties: bool = False  # identifying properties and the file name kept
     jpeg_lattice: bool = True  # level 0 of a JPEG slide gets the lattice filter (jpeg_source)
     mask: MaskParams = field(default_factory=MaskParams)
     mask_out: str | None = None
@@ -92,11 +120,12 @@ def configure_zarr() -> None:
 
 
 def _settings(info: SlideInfo, options: Options, codec_config: dict[str, Any],
-              calibration: Calibration | None, lattice: SourceLattice) -> dict[str, Any]:
+              calibration: Calibration | None, lattice: SourceLattice,
+              source_sha256: str) -> dict[str, Any]:
     """What a --resume must match, and how the store was made (with --target-ssim,
     ``quality_choice`` records the search; ``jpeg_lattice`` is level 0's lattice filter)."""
     settings = {
-        "source": Path(info.path).name, "source_bytes": _source_bytes(info.path),
+        "source_sha256": source_sha256, "source_bytes": source_bytes(info.path),
         "codec": options.codec, "codec_config": codec_config, "ngff": options.ngff,
         "glass": options.glass.value, "chunk": options.chunk,
         "shard": options.shard if options.ngff == "0.5" else 1, "mask": asdict(options.mask),
@@ -136,7 +165,8 @@ def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, targe
     restore = jpeg_lattice_codec(lattice.config) if lattice.config is not None else None
     return choose_quality(info, tissue, options.glass, options.chunk,
                           codec_choice(options.codec), target, options.workers, log,
-                          restore=restore, refine=options.refine)
+                          restore=restore, refine=options.refine,
+                          progress=options.progress)
 
 
 def _level0_lattice(info: SlideInfo, tissue: TissueMask, options: Options,
@@ -168,6 +198,29 @@ def _level0_lattice(info: SlideInfo, tissue: TissueMask, options: Options,
               "than a grey level")
     log(f"JPEG lattice: {reason}; level 0 gets the dlwsi_jpeg_lattice filter")
     return SourceLattice(found.config, reason)
+
+
+def _level0_plan(info: SlideInfo, tissue: TissueMask, options: Options, zarr_format: int,
+                 calibration: Calibration | None, earlier: dict[str, Any] | None,
+                 log: Callable[[str], None]) -> tuple[Level0Plan, JpegTiles | None]:
+    """How level 0 is stored (``--level0``); a resumed run keeps the interrupted run's
+    choice. Returns the plan and, for a zero-loss level 0, the source's tiles."""
+    tiles = find_jpeg_tiles(info) if options.level0 != "lossy" else "not asked for"
+    if earlier and earlier.get("requested") == options.level0:
+        plan = Level0Plan.from_dict(earlier)
+    else:
+        boxes = [(y, x, min(options.chunk, info.height - y), min(options.chunk, info.width - x))
+                 for y, x in sample_positions(info, tissue, options.chunk)]
+        plan = plan_level0(options.level0, tiles, zarr_format,
+                           calibration.bits_per_pixel if calibration else None, boxes,
+                           options.codec, calibration.reached if calibration else True)
+    log(f"level 0: {'zero loss' if plan.mode == 'transcode' else 'lossy'}: {plan.reason}")
+    if plan.mode != "transcode":
+        return plan, None
+    if isinstance(tiles, str):
+        raise ConvertError(f"--resume: the interrupted run kept level 0's JPEG tiles, but "
+                           f"now {tiles}")
+    return plan, tiles
 
 
 def _codec_config(options: Options) -> dict[str, Any]:
@@ -208,25 +261,24 @@ def convert(source: str, target: str, options: Options,
     except Exception as exc:  # noqa: BLE001
         raise ConvertError(f"codec {options.codec}: {_one_line(exc)}") from None
     zarr_format = 3 if options.ngff == "0.5" else 2
-    out = open_output(target, storage_options=options.storage_options)
-    resuming, state = False, None
-    if out.exists():
-        state = _progress_state(out)
-        if options.resume:
-            if state is None:
-                raise ConvertError(f"{out.url}: exists but was not written by ngff-convert; "
-                                   "cannot --resume it")
-            if state.get("complete"):
-                log(f"{out.url}: already complete, nothing to do")
-                return _summary(out, info, [], 0, 0, start, 0.0, already_complete=True)
-            resuming = True
-            out.discard_partial_writes()
-        elif options.overwrite:
-            out.remove()
-        else:
-            raise ConvertError(f"{out.url}: already exists (use --overwrite to replace it"
-                               + (", or --resume to finish it)" if state is not None
-                                  and not state.get("complete") else ")"))
+    final = open_output(target, storage_options=options.storage_options)
+    dest = prepare(final, options.overwrite, options.resume, source_files(info.path), log)
+    if dest is None:
+        return _summary(final, info, [], 0, 0, start, 0.0, already_complete=True)
+    try:
+        return _convert_into(dest, info, options, codecs, target_ssim, zarr_format, start,
+                             log)
+    except KeyboardInterrupt:
+        raise ConvertInterrupted(interrupted_message(dest)) from None
+    except BaseException:
+        discard_if_empty(dest)  # failed before writing: leave no empty folder behind
+        raise
+
+
+def _convert_into(dest: Destination, info: SlideInfo, options: Options,
+                  codecs: dict[str, Any], target_ssim: float | None, zarr_format: int,
+                  start: float, log: Callable[[str], None]) -> Summary:
+    out, resuming, state = dest.work, dest.resuming, dest.state
     check_writable(out)
 
     # tissue mask: from a thumbnail, one for the whole slide, every level uses it
@@ -248,9 +300,23 @@ def convert(source: str, target: str, options: Options,
                                       log)
         options = replace(options, quality=calibration.quality)
         codecs = _codec_config(options)
-    settings = _settings(info, options, codecs, calibration, lattice)
+    plan, tiles = _level0_plan(info, tissue, options, zarr_format, calibration,
+                               state.get("settings", {}).get("level0")
+                               if resuming and state else None, log)
+    settings = _settings(info, options, codecs, calibration, lattice,
+                         provenance.source_sha256(info.path, log))
+    settings["level0"] = plan.as_dict()
     level_codecs = [with_jpeg_lattice(codecs, lattice.config, zarr_format) if k == 0
                     else codecs for k in range(len(shapes))]
+    zero_loss = None
+    if tiles is not None:
+        per_block = tiles_per_block(tiles.tile, options.chunk, chunks_per_block)
+        zero_loss = ZeroLossLevel0(tiles, per_block, options.shard > 1,
+                                   Glass.keep if options.glass is Glass.keep else Glass.drop)
+        if options.glass is not Glass.keep:
+            log(f"level 0: tiles without tissue are not stored (--glass "
+                f"{options.glass.value}; the only change to level 0: --glass keep stores "
+                "every tile), the others are kept as scanned")
     if resuming:
         group = zarr.open_group(out.store, mode="r+")
         old = group.attrs.get(PROGRESS_KEY, {}).get("settings", {})
@@ -261,35 +327,50 @@ def convert(source: str, target: str, options: Options,
             raise ConvertError(f"{out.url}: --resume with different settings than the "
                                f"interrupted run: {'; '.join(different)}")
         # a run killed while it was creating the level arrays left only some of them
-        arrays = [_level_or_create(group, name, shape, options, zarr_format, chain)
-                  for name, shape, chain in zip(names, shapes, level_codecs, strict=True)]
+        arrays = [_level_or_create(group, name, shape, options, zarr_format, chain,
+                                   zero_loss if k == 0 else None)
+                  for k, (name, shape, chain) in enumerate(zip(names, shapes, level_codecs,
+                                                               strict=True))]
     else:
         try:
             group = zarr.open_group(out.store, mode="w", zarr_format=zarr_format,
                                     attributes={PROGRESS_KEY: {"complete": False,
                                                                "settings": settings,
                                                                "version": __version__}})
-            arrays = [create_level(group, name, shape, options.chunk,
-                                   options.shard if zarr_format == 3 else 1, zarr_format,
-                                   chain)
-                      for name, shape, chain in zip(names, shapes, level_codecs, strict=True)]
+            arrays = [zero_loss.create(group, name) if k == 0 and zero_loss is not None
+                      else create_level(group, name, shape, options.chunk,
+                                        options.shard if zarr_format == 3 else 1, zarr_format,
+                                        chain)
+                      for k, (name, shape, chain) in enumerate(zip(names, shapes,
+                                                                   level_codecs, strict=True))]
         except Exception as exc:  # noqa: BLE001
             raise ConvertError(f"{out.url}: cannot create the store: {_one_line(exc)}") from None
 
-    levels = pyramid(info, layout, options.glass, tissue)
-    written, skipped = _write_levels(out, levels, arrays, names, layout, tissue, options,
-                                     resuming)
+    if zero_loss is None:
+        levels = pyramid(info, layout, options.glass, tissue)
+    else:  # lower levels from the pixels level 0 holds: the tiles, glass tiles white
+        levels = pyramid(info, layout, zero_loss.glass, tissue, zero_loss.layout)
+    written, skipped, tile_counts = _write_levels(out, levels, arrays, names, layout, tissue,
+                                                  options, resuming, log, zero_loss)
+    if zero_loss is not None:
+        settings["level0"]["tiles"] = tile_counts
+        log(f"level 0: {tile_counts['transcoded']} tiles recompressed losslessly as "
+            f"JPEG-XL, {tile_counts['kept_as_jpeg']} kept as JPEG (JPEG-XL cannot take "
+            f"them), {tile_counts['not_stored']} not stored (glass)"
+            + (" (this run's blocks)" if resuming else ""))
 
     if options.associated:
         _write_associated(group, info, zarr_format, options.ngff)
     _finish(group, info, names, options, settings, tissue)
+    publish(dest)
     megapixels = sum(h * w for _, h, w in shapes) / 1e6
-    return _summary(out, info, shapes, written, skipped, start, megapixels,
+    return _summary(dest.final, info, shapes, written, skipped, start, megapixels,
                     tissue_fraction=tissue.tissue_fraction)
 
 
 def _level_or_create(group: zarr.Group, name: str, shape: tuple[int, int, int],
-                     options: Options, zarr_format: int, codecs: dict[str, Any]) -> zarr.Array:
+                     options: Options, zarr_format: int, codecs: dict[str, Any],
+                     zero_loss: ZeroLossLevel0 | None = None) -> zarr.Array:
     """On --resume: the level array the interrupted run created, or a new one if it was
     killed before it got there (each metadata object is written atomically)."""
     try:
@@ -302,6 +383,8 @@ def _level_or_create(group: zarr.Group, name: str, shape: tuple[int, int, int],
                                f"{tuple(shape)}; the store was not made from this slide")
         return array
     try:
+        if zero_loss is not None:
+            return zero_loss.create(group, name)
         return create_level(group, name, shape, options.chunk,
                             options.shard if zarr_format == 3 else 1, zarr_format, codecs)
     except Exception as exc:  # noqa: BLE001
@@ -310,40 +393,76 @@ def _level_or_create(group: zarr.Group, name: str, shape: tuple[int, int, int],
 
 def _write_levels(out: Output, levels: list[Any], arrays: list[zarr.Array], names: list[str],
                   layout: Layout, tissue: TissueMask, options: Options,
-                  resuming: bool) -> tuple[int, int]:
-    """Store every level, one task per block; returns (blocks written, blocks skipped)."""
+                  resuming: bool, log: Callable[[str], None],
+                  zero_loss: ZeroLossLevel0 | None = None
+                  ) -> tuple[int, int, dict[str, int]]:
+    """Store every level, one task per block; returns (blocks written, blocks skipped,
+    level 0's tile counts when it keeps the source's tiles)."""
     from dask.optimization import cull
 
-    writes, keys, skipped = [], [], 0
+    writes, keys, skipped, done = [], [], 0, []
     for k, (level, array, name) in enumerate(zip(levels, arrays, names, strict=True)):
+        before = skipped
         present = out.keys(f"{name}/") if resuming else set()
+        frozen = dask.delayed(frozenset(present), pure=True)
         # tasks carry the store and the array's path, not the array: a scheduler or
         # worker unpickling an array would need its codecs registered first
-        w = level.map_blocks(_write_block, store=out.store, path=name, dtype=np.int64,
-                             present=dask.delayed(frozenset(present), pure=True),
-                             prefix=f"{name}/", chunk=layout.chunk,
-                             chunks=((1,), (1,) * len(level.chunks[1]),
-                                     (1,) * len(level.chunks[2])),
-                             name=f"write-level-{name}")
+        if k == 0 and zero_loss is not None:
+            w = level.map_blocks(_write_tiles_block, store=out.store, path=name,
+                                 job=dask.delayed(zero_loss, pure=True),
+                                 tissue=dask.delayed(tissue, pure=True), present=frozen,
+                                 dtype=np.int64,
+                                 chunks=((1,), (1,) * len(level.chunks[1]),
+                                         (3,) * len(level.chunks[2])),
+                                 name=f"write-level-{name}-tiles")
+        else:
+            w = level.map_blocks(_write_block, store=out.store, path=name, dtype=np.int64,
+                                 present=frozen, prefix=f"{name}/", chunk=layout.chunk,
+                                 chunks=((1,), (1,) * len(level.chunks[1]),
+                                         (1,) * len(level.chunks[2])),
+                                 name=f"write-level-{name}")
         for by in range(len(level.chunks[1])):
             for bx in range(len(level.chunks[2])):
-                if resuming and _block_done(array, present, name, k, by, bx, layout, tissue,
-                                            options.glass):
+                if resuming and (
+                        zero_loss.block_done(array, name, tissue, by, bx, present)
+                        if k == 0 and zero_loss is not None else
+                        _block_done(array, present, name, k, by, bx, layout, tissue,
+                                    options.glass)):
                     skipped += 1
                 else:
                     keys.append((w.name, 0, by, bx))
         writes.append(w)
-    if not keys:
-        return 0, skipped
-    graph: dict = {}
-    for w in writes:  # the levels share their upstream tasks; keys are unique
-        graph.update(dict(w.__dask_graph__()))
-    graph, _ = cull(graph, keys)  # resume: only what the missing blocks need
-    _run_graph(graph, keys, options)
-    return len(keys), skipped
+        done.append(f"level {name} {skipped - before}/{w.numblocks[1] * w.numblocks[2]}")
+    if resuming:
+        log(f"found {skipped} blocks already written ({', '.join(done)}); "
+            f"{len(keys)} remain")
+    counts = np.zeros(3, np.int64)
+    if keys:
+        graph: dict = {}
+        for w in writes:  # the levels share their upstream tasks; keys are unique
+            graph.update(dict(w.__dask_graph__()))
+        graph, _ = cull(graph, keys)  # resume: only what the missing blocks need
+        results = _run_graph(graph, keys, options)
+        for key, result in zip(keys, results, strict=True):
+            if zero_loss is not None and key[0] == writes[0].name:
+                counts += np.asarray(result).reshape(3)
+    tile_counts = {"transcoded": int(counts[0]), "kept_as_jpeg": int(counts[1]),
+                   "not_stored": int(counts[2])}
+    return len(keys), skipped, tile_counts
 
 
-def _run_graph(graph: dict, keys: list, options: Options) -> None:
+def _write_tiles_block(block: np.ndarray, store: Any, path: str, job: ZeroLossLevel0,
+                       tissue: TissueMask, present: frozenset[str],
+                       block_info: dict | None = None) -> np.ndarray:
+    """Level 0 of a zero-loss store: the block's tiles from the source file (the pixel
+    block itself is only what the lower levels are computed from)."""
+    assert block_info is not None
+    (_, _), (y0, _), (x0, _) = block_info[0]["array-location"]
+    counts = job.write(store, path, tissue, y0, x0, present)
+    return counts.reshape(1, 1, 3)
+
+
+def _run_graph(graph: dict, keys: list, options: Options) -> list:
     if options.scheduler:
         try:
             from distributed import Client, progress
@@ -359,8 +478,7 @@ def _run_graph(graph: dict, keys: list, options: Options) -> None:
             futures = client.get(graph, keys, sync=False)
             if options.progress:
                 progress(futures)
-            client.gather(futures)
-        return
+            return client.gather(futures)
     from dask.threaded import get
 
     workers = options.workers or os.cpu_count() or 1
@@ -368,9 +486,8 @@ def _run_graph(graph: dict, keys: list, options: Options) -> None:
         from tqdm.dask import TqdmCallback
 
         with TqdmCallback(desc="converting", unit="task", leave=True):
-            get(graph, keys, num_workers=workers)
-    else:
-        get(graph, keys, num_workers=workers)
+            return get(graph, keys, num_workers=workers)
+    return get(graph, keys, num_workers=workers)
 
 
 def _write_block(block: np.ndarray, store: Any, path: str, present: frozenset[str],
@@ -419,12 +536,12 @@ def _finish(group: zarr.Group, info: SlideInfo, names: list[str], options: Optio
             settings: dict[str, Any], tissue: TissueMask) -> None:
     """Write the NGFF metadata that marks the image complete: always last."""
     pixel_size = (info.mpp_y, info.mpp_x) if info.mpp_x and info.mpp_y else None
-    name = Path(info.path).name
+    name = provenance.image_name(info, options.keep_properties)
     attrs = ngff.image_attrs(
         ngff.multiscale(names, pixel_size, name, options.ngff),
         ngff.omero_rgb(name, options.ngff), options.ngff,
         extra={
-            "openslide": {k: v for k, v in info.properties.items()},
+            "openslide": provenance.properties(info, options.keep_properties),
             PROGRESS_KEY: {
                 "complete": True, "version": __version__, "settings": settings,
                 "tissue": {"fraction": round(tissue.tissue_fraction, 4),
@@ -444,8 +561,9 @@ def _write_associated(group: zarr.Group, info: SlideInfo, zarr_format: int,
         image = associated_image(info, name)
         sub = parent.require_group(name)
         chunks = (3, *(min(1024, n) for n in image.shape[1:]))
-        kwargs: dict[str, Any] = ({"compressors": {"name": "zstd",
-                                                   "configuration": {"level": 5}},
+        kwargs: dict[str, Any] = ({"compressors": [{"name": "zstd",
+                                                    "configuration": {"level": 5}},
+                                                   {"name": "crc32c"}],
                                    "dimension_names": ["c", "y", "x"]}
                                   if zarr_format == 3 else
                                   {"compressors": {"id": "zstd", "level": 5},
@@ -462,20 +580,11 @@ def _summary(out: Output, info: SlideInfo, shapes: list, written: int, skipped: 
              already_complete: bool = False) -> Summary:
     stored, objects = out.size()
     return Summary(out.url, shapes, written, skipped, stored, objects,
-                   _source_bytes(info.path), time.perf_counter() - start, megapixels,
+                   source_bytes(info.path), time.perf_counter() - start, megapixels,
                    tissue_fraction, already_complete)
 
 
 # ---------------------------------------------------------------------------- info
-
-
-def _progress_state(out: Output) -> dict[str, Any] | None:
-    try:
-        group = zarr.open_group(out.store, mode="r")
-    except Exception:  # noqa: BLE001 - not a zarr group
-        return None
-    state = group.attrs.get(PROGRESS_KEY)
-    return state if isinstance(state, dict) else None
 
 
 def open_image(target: str, storage_options: dict[str, Any] | None = None,
@@ -484,6 +593,10 @@ def open_image(target: str, storage_options: dict[str, Any] | None = None,
     register_image_codecs()
     out = open_output(target, read_only=True, storage_options=storage_options)
     if not out.exists():
+        work = work_sibling(out)
+        if work is not None and work.exists():
+            raise ConvertError(f"{target}: incomplete conversion (in {work.url}); re-run "
+                               "ngff-convert with --resume")
         raise ConvertError(f"{target}: no such store")
     try:
         group = zarr.open_group(out.store, mode="r")
@@ -496,6 +609,8 @@ def open_image(target: str, storage_options: dict[str, Any] | None = None,
             raise ConvertError(f"{target}: incomplete conversion (no multiscales metadata); "
                                "re-run ngff-convert with --resume")
         raise ConvertError(f"{target}: not an OME-Zarr image (no multiscales metadata)")
+    if any(getattr(group[d["path"]], "shards", None) for d in found[1]["datasets"]):
+        check_range_support(out)
     return out, group, found[0], found[1]
 
 
@@ -532,7 +647,42 @@ def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str
         "tissue": state.get("tissue"),
         "quality_choice": state.get("settings", {}).get("quality_choice"),
         "jpeg_lattice": state.get("settings", {}).get("jpeg_lattice_note"),
+        "level0": state.get("settings", {}).get("level0"),
     }
+
+
+def check(target: str, options: Options | None = None) -> dict[str, Any]:
+    """Decode every stored chunk of every level of a converted image (``check.py``)."""
+    options = options or Options()
+    out, group, _, ms = open_image(target, options.storage_options)
+    return check_store(out, group, [d["path"] for d in ms["datasets"]], options.workers,
+                       options.progress)
+
+
+def extract_tile(target: str, row: int, column: int,
+                 storage_options: dict[str, Any] | None = None) -> bytes:
+    """The source's JPEG of level-0 tile (row, column) of a zero-loss store, byte for
+    byte (tables merged)."""
+    out, group, _, ms = open_image(target, storage_options)
+    level0 = group.attrs.get(PROGRESS_KEY, {}).get("settings", {}).get("level0") or {}
+    if level0.get("mode") != "transcode":
+        raise ConvertError(f"{target}: level 0 is not the source's tiles (not converted "
+                           "with a zero-loss level 0), so there is no JPEG to extract")
+    path = ms["datasets"][0]["path"]
+    array = group[path]
+    rows, columns = (-(-n // c) for n, c in zip(array.shape[1:], array.chunks[1:],
+                                                  strict=True))
+    if not (0 <= row < rows and 0 <= column < columns):
+        raise ConvertError(f"tile {row},{column} is outside level 0's {rows}x{columns} tiles")
+    data = stored_chunk(out.store, array, path, row, column)
+    if data is None:
+        raise ConvertError(f"tile {row},{column} is not stored (glass)")
+    config = array.metadata.codecs[0].to_dict()
+    config = config.get("configuration", {}).get("codecs", [config])[0]
+    try:
+        return tile_codec(config["configuration"]["colorspace"]).jpeg(data)
+    except ValueError as exc:
+        raise ConvertError(f"tile {row},{column}: {_one_line(exc)}") from None
 
 
 # -------------------------------------------------------------------------- verify
@@ -566,16 +716,18 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
     import dask.array as da
 
     tasks = []
+    damage = DamageLog()
     for k, path in enumerate(paths):
         arr = group[path]
         if k >= len(shapes) or tuple(arr.shape) != shapes[k]:
             raise ConvertError(f"{target}: level {path} has shape {tuple(arr.shape)}, the "
                                f"source gives {shapes[k] if k < len(shapes) else 'none'}")
-        stored = da.from_zarr(arr).rechunk((3, layout.block, layout.block))
         ref = reference[k]
         tile = layout.chunk
-        stats = da.map_blocks(_compare_block, stored, ref, tissue=dask.delayed(tissue, pure=True),
+        stats = da.map_blocks(_compare_block, ref, array=arr, path=path, damage=damage,
+                              tissue=dask.delayed(tissue, pure=True),
                               step=2**k, tile=tile, dtype=np.float64,
+                              name=f"verify-level-{path}-{id(damage)}",
                               chunks=((1,), tuple(-(-n // tile) for n in ref.chunks[1]),
                                       tuple(6 * -(-n // tile) for n in ref.chunks[2])))
         tasks.append(stats)
@@ -593,7 +745,8 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
         arr = group[path]
         rows.append({
             "path": path, "shape": list(arr.shape),
-            "psnr_all": _psnr(s[0], s[1]), "ssim_all": float(s[2] / max(s[1], 1)),
+            "psnr_all": _psnr(s[0], s[1]) if s[1] else None,
+            "ssim_all": float(s[2] / s[1]) if s[1] else None,
             "psnr_tissue": _psnr(s[3], s[4]) if s[4] else None,
             "ssim_tissue": float(s[5] / s[4]) if s[4] else None,
             "tissue_fraction": float(s[4] / max(s[1], 1)),
@@ -601,8 +754,20 @@ def verify(source: str, target: str, options: Options | None = None) -> dict[str
             "worst_block": _worst_block(blocks, layout.chunk),
         })
     stored_total, _ = out.size()
+    level0_tiles = None
+    if (state.get("settings", {}).get("level0") or {}).get("mode") == "transcode":
+        tiles = find_jpeg_tiles(slide)
+        if isinstance(tiles, str):
+            raise ConvertError(f"{target}: level 0 keeps the source's JPEG tiles, but "
+                               f"{source}: {tiles}")
+        level0_tiles = verify_tiles(out.store, group[paths[0]], paths[0], tiles,
+                                    lambda x, y, w, h: read_rgb(slide, x, y, w, h))
+    found = damage.sorted()
+    for row in rows:
+        row["damaged_chunks"] = sum(d.level == row["path"] for d in found)
     return {"store": out.url, "source": source, "ngff": version, "levels": rows,
-            "stored_bytes": stored_total, "source_bytes": _source_bytes(slide.path)}
+            "damaged": [d.as_dict() for d in found], "level0_tiles": level0_tiles,
+            "stored_bytes": stored_total, "source_bytes": source_bytes(slide.path)}
 
 
 #: a block's own SSIM is reported only where tissue covers this share of it: a sliver of
@@ -623,15 +788,18 @@ def _worst_block(blocks: np.ndarray, block: int) -> dict[str, Any] | None:
             "x": int(col * block), "size": block, "blocks_measured": int(measured.sum())}
 
 
-def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step: int,
-                   tile: int, block_info: dict | None = None) -> np.ndarray:
+def _compare_block(ref: np.ndarray, array: zarr.Array, path: str, damage: DamageLog,
+                   tissue: TissueMask, step: int, tile: int,
+                   block_info: dict | None = None) -> np.ndarray:
     """Per ``tile``² tile of the block: [sq.err all, n all, ssim sum all, sq.err tissue,
     n tissue, ssim sum tissue] (per pixel, channels averaged), as (1, rows, 6 * cols).
-    SSIM is computed tile by tile, which also bounds memory."""
+    SSIM is computed tile by tile, which also bounds memory. The stored pixels are read
+    chunk by chunk: a damaged chunk is logged in ``damage`` and left out of the sums."""
     assert block_info is not None
-    (_, _), (y0, _), (x0, _) = block_info[1]["array-location"]
+    (_, _), (y0, y1), (x0, x1) = block_info[0]["array-location"]
+    stored, damaged = read_region(array, path, y0, y1, x0, x1, damage)
     _, h, w = ref.shape
-    tissue_pixels = in_tissue(tissue, y0, x0, h, w, step)
+    tissue_pixels = in_tissue(tissue, y0, x0, h, w, step) & ~damaged
     err = ((stored.astype(np.float32) - ref.astype(np.float32)) ** 2).mean(axis=0)
     out = np.zeros((1, -(-h // tile), -(-w // tile), 6), np.float64)
     for ty in range(0, h, tile):
@@ -639,8 +807,9 @@ def _compare_block(stored: np.ndarray, ref: np.ndarray, tissue: TissueMask, step
             ssim = ssim_map(stored[:, ty:ty + tile, tx:tx + tile],
                             ref[:, ty:ty + tile, tx:tx + tile])
             e, t = err[ty:ty + tile, tx:tx + tile], tissue_pixels[ty:ty + tile, tx:tx + tile]
-            out[0, ty // tile, tx // tile] = [e.sum(), e.size, ssim.sum(), e[t].sum(), t.sum(),
-                                              ssim[t].sum()]
+            ok = ~damaged[ty:ty + tile, tx:tx + tile]
+            out[0, ty // tile, tx // tile] = [e[ok].sum(), ok.sum(), ssim[ok].sum(),
+                                              e[t].sum(), t.sum(), ssim[t].sum()]
     return out.reshape(1, out.shape[1], -1)
 
 
@@ -661,19 +830,9 @@ def _write_png(path: str, rgb: np.ndarray) -> None:
         raise ConvertError(f"--mask-out {path}: {_one_line(exc)}") from None
 
 
-def _source_bytes(path: str) -> int:
-    """Size of a slide on disk, companion files included for multi-file formats."""
-    p = Path(path)
-    total = p.stat().st_size
-    companion = p.with_suffix("")  # MIRAX: slide.mrxs + slide/ directory
-    if p.suffix.lower() == ".mrxs" and companion.is_dir():
-        total += sum(f.stat().st_size for f in companion.rglob("*") if f.is_file())
-    return total
-
-
 #: What an interrupted conversion and its --resume must agree on.
 RESUME_SETTINGS = ("codec", "codec_config", "ngff", "glass", "chunk", "shard", "mask",
-                   "source", "source_bytes", "jpeg_lattice")
+                   "source_sha256", "source_bytes", "jpeg_lattice", "level0")
 
 
 def _changed_settings(old: Any, new: Any, name: str = "") -> list[str]:

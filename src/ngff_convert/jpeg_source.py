@@ -27,8 +27,8 @@ ZIGZAG = np.array([0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 1
 #: page's JPEG block grid is the level's
 TIFF_VENDORS = ("aperio", "generic-tiff")
 #: TIFF Photometric -> how the JPEG decoder forms RGB (TIFF JPEG has no JFIF/Adobe marker)
-_PHOTOMETRIC = {2: "rgb", 6: "ycbcr"}
-_JPEG = 7  # TIFF Compression: "new-style" JPEG
+PHOTOMETRIC = {2: "rgb", 6: "ycbcr"}
+TIFF_JPEG = 7  # TIFF Compression: "new-style" JPEG
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2}  # baseline, extended sequential, progressive Huffman
 #: Tiles whose headers are compared: a slide whose tiles differ in tables has no one lattice
 TILES_CHECKED = 16
@@ -129,6 +129,12 @@ def _tile_bytes(handle: Any, page: Any, index: int) -> bytes:
     return handle.read(page.databytecounts[index])
 
 
+def level0_page(tif: Any, width: int, height: int) -> Any:
+    """The tiled TIFF page that is level 0 (``width`` x ``height``), or None."""
+    return next((p for p in tif.pages if p.imagewidth == width and p.imagelength == height
+                 and p.is_tiled), None)
+
+
 def read_lattice(path: str, vendor: str | None, width: int, height: int) -> SourceLattice:
     """The JPEG lattice of a slide's level 0 (``width`` x ``height``) from its headers."""
     if vendor not in TIFF_VENDORS:
@@ -138,14 +144,13 @@ def read_lattice(path: str, vendor: str | None, width: int, height: int) -> Sour
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page = next((p for p in tif.pages if p.imagewidth == width
-                         and p.imagelength == height and p.is_tiled), None)
+            page = level0_page(tif, width, height)
             if page is None:
                 return SourceLattice(None, "level 0 is not a tiled TIFF page")
-            if page.compression != _JPEG or page.photometric not in _PHOTOMETRIC:
+            if page.compression != TIFF_JPEG or page.photometric not in PHOTOMETRIC:
                 return SourceLattice(None, f"level 0 is not JPEG (TIFF compression "
                                            f"{int(page.compression)})")
-            color = _PHOTOMETRIC[int(page.photometric)]
+            color = PHOTOMETRIC[int(page.photometric)]
             shared = [page.jpegtables] if page.jpegtables else []
             stored = [i for i, n in enumerate(page.databytecounts) if n]
             if not stored:

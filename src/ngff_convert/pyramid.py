@@ -54,7 +54,7 @@ def level0(info: SlideInfo, layout: Layout, glass: Glass, tissue: TissueMask | N
         _read_block, info=info, glass=glass, tissue=dask.delayed(tissue, pure=True),
         chunk=layout.chunk,
         chunks=chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
-        name=f"slide-level0-{glass.value}",
+        name=f"slide-level0-{glass.value}-{layout.chunk}x{layout.chunks_per_block}",
     )
 
 
@@ -89,10 +89,11 @@ def _mean2x2(block: np.ndarray) -> np.ndarray:
     return ((s + 2) // 4).astype(np.uint8)
 
 
-def pyramid(info: SlideInfo, layout: Layout, glass: Glass,
-            tissue: TissueMask | None) -> list[da.Array]:
-    """All levels, level 0 first, down to one chunk."""
-    levels = [level0(info, layout, glass, tissue)]
+def pyramid(info: SlideInfo, layout: Layout, glass: Glass, tissue: TissueMask | None,
+            level0_layout: Layout | None = None) -> list[da.Array]:
+    """All levels, level 0 first, down to one chunk. ``level0_layout``: level 0's own
+    blocks and glass grid (a zero-loss level 0 on the scanner's tiles), if not ``layout``."""
+    levels = [level0(info, level0_layout or layout, glass, tissue)]
     for _ in level_shapes(info.height, info.width, layout.chunk)[1:]:
         levels.append(halve(levels[-1], layout.block))
     return levels

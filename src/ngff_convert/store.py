@@ -26,6 +26,7 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 
 from . import ConvertError
+from .ownership import local_keys
 
 PROGRESS_KEY = "ngff_convert"  # attribute of an image group written by us
 
@@ -67,6 +68,17 @@ class Output:
         for path in stale:
             path.unlink()
         return len(stale)
+
+    def all_keys(self) -> list[str]:
+        """Every object under the store, as keys relative to its root."""
+        if self.local is not None:
+            return local_keys(self.local) if self.local.is_dir() else []
+        root = self.fs_path.rstrip("/") + "/"
+        return [path[len(root):] for path in self.fs.find(self.fs_path)
+                if path.startswith(root)]
+
+    def is_bucket_root(self) -> bool:
+        return self.local is None and "/" not in self.fs_path.strip("/")
 
     def keys(self, prefix: str) -> set[str]:
         """Keys stored under ``prefix`` (one listing, not one request per key)."""
@@ -287,6 +299,27 @@ def _probe_s3(out: Output, options: dict[str, Any]) -> None:
                            "--storage-option endpoint_url=...") from None
     except (BotoCoreError, OSError) as exc:  # s3fs maps other S3 errors to OSError
         raise ConvertError(f"{where} at {endpoint}: {_one_line(exc)}") from None
+
+
+HTTP_PROTOCOLS = ("http", "https")
+
+
+def check_range_support(out: Output, key: str = "zarr.json") -> None:
+    """A sharded store over HTTP is read in byte ranges (each shard's index, then each
+    chunk). A server that ignores the Range header sends whole objects instead, which
+    zarr reports as a checksum mismatch; say what is wrong, once, before reading."""
+    if out.local is not None or _protocol(out.url) not in HTTP_PROTOCOLS:
+        return
+    try:
+        sample = out.fs.cat_file(f"{out.fs_path.rstrip('/')}/{key}", start=0, end=2)
+    except Exception:  # noqa: BLE001 - a missing object fails later with its own message
+        return
+    if len(sample) > 2:
+        raise ConvertError(f"{out.url}: the server ignores HTTP byte ranges (it sent "
+                           f"{len(sample)} bytes for a 2-byte range); a sharded store (NGFF "
+                           "0.5) is read in ranges. Serve it from a range-capable server "
+                           "(nginx, Apache, a CDN or an object store), or convert with "
+                           "--ngff 0.4 or --shard 1 (no shards)")
 
 
 def check_writable(out: Output) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas_threads import single_threaded_blas
+
 FRACTION_BITS = 10
 #: Activations are clamped to this magnitude, which bounds every accumulator (see check).
 ACTIVATION_LIMIT = float(1 << 26)
@@ -121,8 +123,9 @@ class IntegerHyperSynthesis:
     def __call__(self, z_fixed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """z_fixed: (B, N, h, w) integers at 2**FRACTION_BITS -> (scales, means), same scale."""
         x = np.clip(np.asarray(z_fixed, dtype=np.float64), -ACTIVATION_LIMIT, ACTIVATION_LIMIT)
-        for layer in self.layers:
-            x = layer(x)
+        with single_threaded_blas():
+            for layer in self.layers:
+                x = layer(x)
         half = x.shape[1] // 2
         return x[:, :half], x[:, half:]
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .blas_threads import single_threaded_blas
+
 BLOCK = 8
 COLORS = ("rgb", "ycbcr")
 #: Snap coefficients within this many quantization steps of a lattice point (chosen on
@@ -196,6 +198,16 @@ def snap(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:
     h, w = (image.shape[1] // BLOCK) * BLOCK, (image.shape[2] // BLOCK) * BLOCK
     if not h or not w:
         return image
+    with single_threaded_blas():
+        planes = _snapped_planes(image, lattice, h, w)
+    out = _pixels(planes, lattice.color)
+    # partial edge blocks are never snapped: keep their pixels bit for bit
+    out[:, h:, :] = image[:, h:, :]
+    out[:, :, w:] = image[:, :, w:]
+    return out
+
+
+def _snapped_planes(image: np.ndarray, lattice: JpegLattice, h: int, w: int) -> np.ndarray:
     planes = _planes(image, lattice.color)
     for p in lattice.snapped_planes:
         steps = np.asarray(lattice.tables[p], dtype=np.float64)
@@ -212,11 +224,7 @@ def snap(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:
         rows = scaled @ DCT_2D
         rows *= 2.0 ** (PLANE_BITS - INVERSE_BITS - DCT_BITS)
         planes[p, :h, :w] = _unblocks(np.rint(rows, out=rows), h, w)
-    out = _pixels(planes, lattice.color)
-    # partial edge blocks are never snapped: keep their pixels bit for bit
-    out[:, h:, :] = image[:, h:, :]
-    out[:, :, w:] = image[:, :, w:]
-    return out
+    return planes
 
 
 def snap_image(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:

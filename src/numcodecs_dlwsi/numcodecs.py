@@ -1,5 +1,5 @@
-"""numcodecs adapters (Zarr v2): the ``dlwsi`` compressor and the ``dlwsi_jpeg_lattice``
-filter, ``numcodecs.get_codec({"id": "dlwsi"})``."""
+"""numcodecs adapters (Zarr v2): the ``dlwsi`` compressor, the ``dlwsi_jpeg_lattice``
+filter and the ``dlwsi_jpeg_tile`` compressor, ``numcodecs.get_codec({"id": "dlwsi"})``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import numpy as np
 from numcodecs.abc import Codec
 from numcodecs.compat import ensure_contiguous_ndarray, ensure_ndarray_like, ndarray_copy
 
+from . import jpeg_tile
 from .codec_config import CodecConfig
 from .image_codec import decode_batch, encode_batch
 from .jpeg_lattice import DEFAULT_TOLERANCE, JpegLattice, snap_image
@@ -100,3 +101,43 @@ class DlwsiJpegLattice(Codec):
     def __repr__(self) -> str:
         return (f"DlwsiJpegLattice(color={self.lattice.color!r}, "
                 f"subsampled={self.lattice.subsampled})")
+
+
+class DlwsiJpegTile(Codec):
+    """A scanner's JPEG tile kept bit for bit, recompressed losslessly as JPEG-XL where it
+    can be (``jpeg_tile``). Encoding takes the tile's complete JPEG stream (bytes), never
+    pixels; decoding gives the pixels a JPEG decoder gives from it, (3, H, W) uint8.
+
+    Parameters
+    ----------
+    colorspace : {"rgb", "ycbcr"}
+        How the JPEG forms RGB (TIFF Photometric RGB or YCbCr).
+    """
+
+    codec_id = "dlwsi_jpeg_tile"
+
+    def __init__(self, colorspace: str = "ycbcr") -> None:
+        self.colorspace = jpeg_tile.check_colorspace(colorspace)
+
+    def encode(self, buf: object) -> bytes:
+        data = ensure_ndarray_like(buf)
+        if data.ndim != 1 or data.dtype != np.uint8:
+            raise TypeError("dlwsi_jpeg_tile keeps a scanner's JPEG tiles as they are: it "
+                            "encodes a tile's JPEG bytes (ngff-convert --level0 transcode), "
+                            "not pixels")
+        return jpeg_tile.pack(bytes(data))[0]
+
+    def decode(self, buf: object, out: object = None) -> np.ndarray:
+        chunk = bytes(ensure_contiguous_ndarray(buf).view(np.uint8))
+        image = np.ascontiguousarray(jpeg_tile.decode(chunk, self.colorspace).transpose(2, 0, 1))
+        return ndarray_copy(image, out) if out is not None else image
+
+    def jpeg(self, buf: object) -> bytes:
+        """The tile's JPEG, byte for byte as the source stored it (tables merged)."""
+        return jpeg_tile.original_jpeg(bytes(ensure_contiguous_ndarray(buf).view(np.uint8)))
+
+    def get_config(self) -> dict:
+        return {"id": self.codec_id, "colorspace": self.colorspace}
+
+    def __repr__(self) -> str:
+        return f"DlwsiJpegTile(colorspace={self.colorspace!r})"

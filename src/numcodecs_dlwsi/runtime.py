@@ -3,6 +3,11 @@
 The execution provider is a property of the machine, never of the data: it is chosen
 here (CUDA when onnxruntime-gpu sees a GPU, else CPU) and can be forced with
 ``DLWSI_PROVIDER=cpu|cuda``; ``DLWSI_THREADS`` sets onnxruntime's intra-op threads.
+
+One intra-op thread is the default: Zarr decodes (and the converter encodes) chunks in
+parallel threads, one core each, which is faster than every call spreading over every
+core (and one chunk alone decodes no slower on a 2-core CPU; docs/benchmarks.md, "Speed").
+``DLWSI_THREADS=0`` gives onnxruntime's own default, all cores per call.
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ def execution_providers() -> tuple[str, ...]:
     return (_PROVIDERS["cuda"], _PROVIDERS["cpu"])
 
 
+#: onnxruntime intra-op threads when ``$DLWSI_THREADS`` is not set
+DEFAULT_THREADS = 1
+
+
 def intra_op_threads() -> int:
-    value = os.environ.get(ENV_THREADS, "0")
+    value = os.environ.get(ENV_THREADS, str(DEFAULT_THREADS))
     try:
         threads = int(value)
     except ValueError:
