@@ -16,7 +16,8 @@ bytes compared (the analysis transform is float too, so this is reported, not re
 CPU only here; on a GPU machine ``benchmarks/determinism_gpu.sh`` runs the same check
 with the encoder on CUDA and the decoders on CPU (and the reverse)::
 
-    nice -n 5 python benchmarks/determinism.py --chunks 2048 --json docs/determinism_cpu.json
+    nice -n 5 python benchmarks/determinism.py --chunks 2048 \
+        --json docs/results/determinism_cpu.json
     python benchmarks/determinism.py --encode cuda:0 --decode cpu:1,cpu:2,cuda:0 ...
 """
 

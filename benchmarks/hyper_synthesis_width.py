@@ -26,6 +26,7 @@ from compressai.models.utils import conv, deconv
 from torch import nn
 
 from numcodecs_dlwsi.hyper_synthesis import FRACTION_BITS, IntegerHyperSynthesis, IntegerLayer
+from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
 from numcodecs_dlwsi.train.data import (
     CropSampler,
     default_data_root,
@@ -33,7 +34,6 @@ from numcodecs_dlwsi.train.data import (
     validation_tiles,
 )
 from numcodecs_dlwsi.train.export import quantize_hyper_synthesis
-from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
 from numcodecs_dlwsi.train.train import with_constant_bounds
 
 

@@ -8,15 +8,15 @@ difference at equal quality over the range both curves cover, with piecewise-cub
 (PCHIP) interpolation of log-rate; SSIM is compared in dB, -10 log10(1 - SSIM), where
 the curves are close to straight.
 
-    python benchmarks/rd.py --json docs/rd.json --plot docs/rd.png
+    python benchmarks/rd.py --json docs/results/rd.json --plot docs/results/rd.png
     python benchmarks/rd.py --model he-mshl-v1 --model he-mshl-v2   # compare families
-    python benchmarks/rd.py --source-jpeg 30 --json docs/rd_source_jpeg30.json
+    python benchmarks/rd.py --source-jpeg 30 --json docs/results/rd_source_jpeg30.json
                        # tiles as a JPEG-30 scanner stored them, the source to match
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb   # as Aperio does (CMU-1)
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb --lattice
                        # every codec's decoded tiles through the JPEG lattice filter
     python benchmarks/rd.py --model he-mshl-v3 --per-image 4 --refine 100 \
-        --rungs 1,3,5,7,9,11,13 --baselines-from docs/rd.json   # latent refinement
+        --rungs 1,3,5,7,9,11,13 --baselines-from docs/results/rd.json   # latent refinement
 """
 
 from __future__ import annotations

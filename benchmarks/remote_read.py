@@ -18,7 +18,7 @@ default) and 16 (dlwsi decodes the chunks of a batch in one call).
 
 Example::
 
-    python benchmarks/remote_read.py --json docs/remote_read.json
+    python benchmarks/remote_read.py --json docs/results/remote_read.json
     python benchmarks/remote_read.py --store out.zarr --region 0,1024,0,1024 --repeat 10
 """
 

@@ -16,7 +16,7 @@ the whole slide:
 - ``oracle``: the same with verify's own tissue SSIM and mask (an upper bound).
 
     python benchmarks/rung_choice.py --slides aperio/CMU-1-Small-Region.svs \\
-        aperio/TCGA-CR-7395-01A-01-TS1.svs --json docs/rung_choice.json
+        aperio/TCGA-CR-7395-01A-01-TS1.svs --json docs/results/rung_choice.json
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ writing); ``--codec dlwsi`` adds the learned codec, which only encodes the ~6% o
 chunks and so takes minutes, not hours, on the 2-core CPU. Slides are built
 in a temporary folder and deleted afterwards::
 
-    nice -n 5 python benchmarks/scale.py --sizes 12500,25000,50000 --json docs/scale.json
+    nice -n 5 python benchmarks/scale.py --sizes 12500,25000,50000 --json docs/results/scale.json
 """
 
 from __future__ import annotations

@@ -15,10 +15,10 @@ default mode since session 10, so its points are fixed rungs); and over per-chun
 control (``dlwsi-rc``: ``--chunk-ssim S``, each chunk's rung up to the model's default,
 the default of sessions 8-9).
 
-    python benchmarks/slides_rd.py --json docs/slides_rd.json
+    python benchmarks/slides_rd.py --json docs/results/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
     DLWSI_WEIGHTS=/tmp/candidate python benchmarks/slides_rd.py --curves dlwsi \
-        --baselines-from docs/slides_rd.json        # screen a candidate (its own default)
+        --baselines-from docs/results/slides_rd.json        # screen a candidate (its own default)
     python benchmarks/slides_rd.py --curves jpegxl avif dlwsi --jpeg-lattice auto off
                        # each curve with level 0's JPEG lattice filter (auto) and without it
 

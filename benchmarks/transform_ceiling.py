@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
 from numcodecs_dlwsi.train.data import (
     CropSampler,
     default_data_root,
     load_training_images,
     validation_tiles,
 )
-from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
 
 
 def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:

@@ -5,7 +5,7 @@ the way `dlwsi-train export` does (opset 17, float32) and run on the CPU provide
 the same session options as the codec. Widths are those of `LiteMeanScaleHyperprior`:
 ``first`` is g_s's 1/8-resolution stage, ``analysis`` g_a's hidden width.
 
-    python benchmarks/transform_speed.py --json docs/transform_speed.json
+    python benchmarks/transform_speed.py --json docs/results/transform_speed.json
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
 from numcodecs_dlwsi.runtime import intra_op_threads
-from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
 
 #: (label, model arguments) for the variants timed; N=64, M=192, last=32 as in v2c.
 VARIANTS = (

@@ -168,7 +168,7 @@ def _widened(**wider: int):
     """A small random model, the same widened by ``wider`` (model arguments), and a batch."""
     import torch
 
-    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior, widen_state
+    from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior, widen_state
 
     torch.manual_seed(0)
     narrow = LiteMeanScaleHyperprior(N=16, M=24, last=8).eval()
@@ -182,7 +182,7 @@ def test_widening_the_latent_keeps_what_the_narrow_model_computes():
     and the old channels keep their rates; only the new channels start from scratch."""
     import torch
 
-    from numcodecs_dlwsi.train.model import widen_state
+    from numcodecs_dlwsi.network.model import widen_state
 
     narrow, wide, x = _widened(M=48, hyper=24)
     with torch.no_grad():
@@ -217,7 +217,7 @@ def test_widening_the_transforms_keeps_what_the_narrow_model_computes():
 def test_lower_bounds_are_architecture_constants_not_checkpoint_values():
     """A float16 copy rounds the 1e-9 likelihood bounds to 0 (session 7's GPU payload);
     loading must restore them, or a likelihood can reach 0 and the loss infinity."""
-    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+    from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
     from numcodecs_dlwsi.train.train import with_constant_bounds
 
     model = LiteMeanScaleHyperprior(N=16, M=24, last=8)
@@ -235,7 +235,7 @@ def test_ladder_tuning_moves_the_decoder_side_only(tiny_run, tmp_path, data_root
     coded latents, must stay bit for bit, and the run must resume like any other."""
     import torch
 
-    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+    from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
     from numcodecs_dlwsi.train.train import GainSampler
 
     init = tiny_run / "checkpoint.pt"
@@ -268,7 +268,7 @@ def test_a_gain_codes_the_latent_on_a_finer_or_coarser_grid():
     of 1/gain."""
     import torch
 
-    from numcodecs_dlwsi.train.model import LiteMeanScaleHyperprior
+    from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
 
     model = LiteMeanScaleHyperprior(N=16, M=24, last=8).eval()
     captured = {}

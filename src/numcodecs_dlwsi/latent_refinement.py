@@ -81,7 +81,7 @@ def _frozen_network(ref: ModelRef) -> nn.Module:
     torch = _torch()
     with warnings.catch_warnings():  # CompressAI's import warns about torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
-        from .train.from_release import network_from_release  # noqa: PLC0415
+        from .network.release import network_from_release  # noqa: PLC0415
 
     net = network_from_release(ref)
     net.eval()
@@ -163,7 +163,7 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
     from pytorch_msssim import ssim  # noqa: PLC0415
 
     net = _network(ref)  # first: it imports CompressAI with its warnings silenced
-    from .train.train import SSIM_SCALE  # noqa: PLC0415  (the training loss's own scale)
+    from .network.loss import distortion  # noqa: PLC0415  (the training loss's own)
 
     model = load(ref)
     device = next(net.parameters()).device
@@ -197,11 +197,9 @@ def refine_latents(ref: ModelRef, x: np.ndarray, y: np.ndarray, z: np.ndarray,
         bits = -torch.log2(y_likelihood).sum(dim=(1, 2, 3)) + z_bits
         x_hat = net.g_s(y_hat / gain)[:, :, :height, :width].clamp(0.0, 1.0)
         mse = ((x_hat - target) ** 2).mean(dim=(1, 2, 3))
-        distortion = (1 - ssim_weight) * 255**2 * mse
-        if ssim_weight:
-            similarity = ssim(x_hat, target, data_range=1.0, size_average=False)
-            distortion = distortion + ssim_weight * SSIM_SCALE * (1 - similarity)
-        return bits / pixels + lambdas * distortion
+        similarity = ssim(x_hat, target, data_range=1.0, size_average=False) \
+            if ssim_weight else 1.0
+        return bits / pixels + lambdas * distortion(mse, similarity, ssim_weight)
 
     y_var = torch.from_numpy(y).to(device).requires_grad_(True)
     z_var = torch.from_numpy(z).to(device).requires_grad_(True)

@@ -24,8 +24,8 @@ from ..entropy_coding import quantize_pmf
 from ..hyper_synthesis import FRACTION_BITS
 from ..model_file import GAIN_BITS, GAIN_FIXED_MAX, GAIN_FIXED_MIN, PAD_MULTIPLE, write_model_file
 from ..model_store import MANIFEST, register_model
+from ..network.model import ARCHITECTURE, Analysis, LiteMeanScaleHyperprior, Synthesis
 from .data import TRAINING_SLIDES, VALIDATION_FILES, default_data_root, he_files
-from .model import ARCHITECTURE, Analysis, LiteMeanScaleHyperprior, Synthesis
 
 WEIGHT_BITS = 13  # |quantized weight| < 2**13, see hyper_synthesis.IntegerLayer's bound
 TAIL_MASS = 1e-9  # as CompressAI's GaussianConditional

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from pytorch_msssim import ssim
 
+from ..network.loss import distortion
+from ..network.model import LiteMeanScaleHyperprior, widen_state
 from .data import (
     CropSampler,
     JpegRecompression,
@@ -30,17 +32,12 @@ from .data import (
     load_training_images,
     validation_tiles,
 )
-from .model import LiteMeanScaleHyperprior, widen_state
 from .pack import TorchCropSampler, load_pack
 
 #: TrainConfig fields a resumed run may change besides steps and lr, when asked to (a run
 #: started on a GPU with large crops and batches goes on with small ones on the CPU).
 RESUMABLE_OVERRIDES = ("batch", "crop")
 
-#: (1 - SSIM) is scaled so that, near 30 dB on H&E, a dB of PSNR and the SSIM it brings
-#: weigh about the same as the 255^2 * MSE term (CompressAI's MS-SSIM lambdas are ~10^3
-#: times its MSE lambdas for the same reason).
-SSIM_SCALE = 1000.0
 
 
 @dataclass
@@ -85,10 +82,10 @@ def rate_distortion(model: LiteMeanScaleHyperprior, x: torch.Tensor, lmbda: floa
     )
     mse = torch.mean((out["x_hat"] - x) ** 2, dim=(1, 2, 3))
     ssim_value = ssim(out["x_hat"].clamp(0.0, 1.0), x, data_range=1.0, size_average=False)
-    distortion = (1.0 - ssim_weight) * 255**2 * mse + ssim_weight * SSIM_SCALE * (1 - ssim_value)
+    distorted = distortion(mse, ssim_value, ssim_weight)
     if weight is not None:
-        distortion = distortion * weight
-    return {"loss": lmbda * distortion.mean() + bpp, "bpp": bpp, "mse": mse.mean(),
+        distorted = distorted * weight
+    return {"loss": lmbda * distorted.mean() + bpp, "bpp": bpp, "mse": mse.mean(),
             "ssim": ssim_value.mean()}
 
 
