@@ -11,9 +11,9 @@ converter's default) so every codec stores the same pixels.
 
 dlwsi is swept three ways: over its fixed rungs (``--quality Q``); over ``--target-ssim
 S`` (``dlwsi-target``: the slide's rung chosen from a level-0 sample, the converter's
-default mode since session 10, so its points are fixed rungs); and over per-chunk rate
+default mode since the he-mshl-v3 release, so its points are fixed rungs); and over per-chunk rate
 control (``dlwsi-rc``: ``--chunk-ssim S``, each chunk's rung up to the model's default,
-the default of sessions 8-9).
+the default of the decoder-side tuning and the JPEG-recompression run).
 
     python benchmarks/slides_rd.py --json docs/results/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
@@ -46,7 +46,7 @@ SWEEPS: dict[str, list[list[str]]] = {
     "jpeg": [["--codec", "jpeg", "--quality", q] for q in ("50", "65", "80", "90", "95")],
     "jpegxl": [["--codec", "jpegxl", "--quality", q] for q in ("40", "55", "70", "80", "90")],
     "avif": [["--codec", "avif", "--quality", q] for q in ("30", "45", "60", "70", "80")],
-    # he-mshl-v3's ladder (13 rungs; v2's 7 were swept as 3-7 until session 10)
+    # he-mshl-v3's ladder (13 rungs; v2's 7 were swept as 3-7 until the he-mshl-v3 release)
     "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("5", "7", "9", "11", "13")],
     "dlwsi-target": [["--codec", "dlwsi", "--target-ssim", s]
                      for s in ("0.92", "0.93", "0.94", "0.95", "0.96")],

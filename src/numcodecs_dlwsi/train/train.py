@@ -95,7 +95,7 @@ def with_constant_bounds(state: dict[str, torch.Tensor], model: torch.nn.Module
 
     They are constants of the architecture (likelihood bound 1e-9, scale bound 0.11, GDN
     reparametrization bounds), not learned, but they travel in state dicts; a float16
-    copy (the GPU payload's init, before session 7's fix) turned the 1e-9 likelihood
+    copy (the GPU payload's init, before the he-mshl-v2 GPU run's fix) turned the 1e-9 likelihood
     bounds into 0, which lets a likelihood reach 0 and the loss infinity.
     """
     own = model.state_dict()
@@ -178,7 +178,7 @@ def train(run: Path, config: TrainConfig | None = None, save_every: int = 200,
     ``minutes`` stops the run cleanly (saved, logged, validated) after that much wall-clock
     time, ``data_pack`` trains from a pack (see :mod:`.pack`) instead of ``data_root``, and
     ``overrides`` names :data:`RESUMABLE_OVERRIDES` that a resumed run takes from ``config``.
-    None of these is part of the run's config: they may change from one session to the next.
+    None of these is part of the run's config: they may change each time the run continues.
     """
     if amp not in ("none", "bf16"):
         raise ValueError(f"amp must be 'none' or 'bf16', not {amp!r}")
