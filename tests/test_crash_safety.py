@@ -28,7 +28,9 @@ import pytest
 from test_ngff_s3 import BUCKET, s3, s3_env  # noqa: F401 - s3 is a fixture
 
 from ngff_convert import ConvertError, cli
-from ngff_convert.convert import Options, info, verify
+from ngff_convert.options import Options
+from ngff_convert.reading import info
+from ngff_convert.verify import verify
 
 CMU = "aperio/CMU-1-Small-Region.svs"
 SEEDS = int(os.environ.get("DLWSI_CRASH_SEEDS", "1"))

@@ -17,8 +17,13 @@ Modules, one concept each:
 - :mod:`ngff_convert.store`    output stores (paths, fsspec URLs) and array creation
 - :mod:`ngff_convert.ownership`  what ``--overwrite`` may delete: only our own output
 - :mod:`ngff_convert.destination`  where a conversion writes, and the rename into place
+- :mod:`ngff_convert.options`  the settings of a conversion
+- :mod:`ngff_convert.convert`  the conversion and its stages
+- :mod:`ngff_convert.write`    writing the levels, one dask task per block
+- :mod:`ngff_convert.resume`   what an interrupted conversion and ``--resume`` share
 - :mod:`ngff_convert.check`    decoding every stored chunk, locating damage
-- :mod:`ngff_convert.convert`  the conversion itself, ``verify``, ``info``, ``extract``
+- :mod:`ngff_convert.reading`  opening a converted image: ``info``, ``check``, ``extract``
+- :mod:`ngff_convert.verify`   ``verify``: a converted image against its source
 - :mod:`ngff_convert.cli`      the ``ngff-convert`` command
 """
 
@@ -33,3 +38,8 @@ class ConvertError(Exception):
 
 class ConvertInterrupted(ConvertError):
     """The user interrupted a conversion: the message says what can be resumed."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (or its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -203,7 +203,7 @@ def extract_parser() -> argparse.ArgumentParser:
 
 
 def _run_extract(args: argparse.Namespace) -> int:
-    from .convert import extract_tile
+    from .reading import extract_tile
     from .store import parse_storage_options
 
     jpeg = extract_tile(args.out, args.row, args.column,
@@ -241,7 +241,8 @@ def _mib(n: float | None) -> str:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import Options, convert
+    from .convert import convert
+    from .options import Options
     from .store import parse_storage_options
 
     storage_options = parse_storage_options(args.storage_options)
@@ -284,7 +285,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_info(args: argparse.Namespace) -> int:
-    from .convert import info
+    from .reading import info
     from .store import parse_storage_options
 
     d = info(args.out, parse_storage_options(args.storage_options))
@@ -345,7 +346,8 @@ def _damage_error(store: str, damaged: list[dict], note: str = "") -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
-    from .convert import Options, check
+    from .options import Options
+    from .reading import check
     from .store import parse_storage_options
 
     if args.workers is not None and args.workers < 1:
@@ -365,8 +367,9 @@ def _run_check(args: argparse.Namespace) -> int:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from .convert import Options, verify
+    from .options import Options
     from .store import parse_storage_options
+    from .verify import verify
 
     options = Options(workers=args.workers, progress=not args.no_progress,
                       storage_options=parse_storage_options(args.storage_options))

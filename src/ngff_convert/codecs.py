@@ -31,6 +31,13 @@ class CodecChoice:
     quality_range: tuple[int, int] | None = None
     #: the --target-ssim used when no quality is given (None: the codec's fixed default)
     default_target_ssim: float | None = None
+    #: the codec's own options (dlwsi: per-chunk rate control, latent refinement)
+    chunk_ssim: bool = False
+    refine: bool = False
+    #: the name of its Zarr 3 serializer (None: imagecodecs' numcodecs wrapper)
+    zarr3_name: str | None = None
+    #: whether its chunks carry a checksum of their own (else crc32c follows it)
+    checksummed: bool = False
 
 
 #: dlwsi's default: the slide gets the lowest rung whose level-0 tissue SSIM vs the
@@ -44,7 +51,8 @@ CODECS: dict[str, CodecChoice] = {
         CodecChoice("dlwsi", "dlwsi", "quality", None, False,
                     "learned codec; by default the slide gets the lowest quality rung whose "
                     f"level-0 tissue SSIM reaches {DEFAULT_TARGET_SSIM}",
-                    default_target_ssim=DEFAULT_TARGET_SSIM),
+                    default_target_ssim=DEFAULT_TARGET_SSIM, chunk_ssim=True, refine=True,
+                    zarr3_name="dlwsi", checksummed=True),
         CodecChoice("jpeg", "imagecodecs_jpeg", "level", 90, True, "JPEG, quality 1-100",
                     quality_range=(1, 100)),
         # imagecodecs' numcodecs wrapper is lossless unless told otherwise, whatever the level
@@ -76,12 +84,12 @@ def _params(choice: CodecChoice, quality: int | None, chunk_ssim: float | None =
     if q is not None and choice.quality_key is not None:
         params[choice.quality_key] = int(q)
     if chunk_ssim is not None:
-        if choice.name != "dlwsi":
+        if not choice.chunk_ssim:
             raise ConvertError(f"--chunk-ssim is dlwsi's per-chunk rate control; --codec "
                                f"{choice.name} takes --quality or --target-ssim")
         params["target_ssim"] = float(chunk_ssim)
     if refine:
-        if choice.name != "dlwsi":
+        if not choice.refine:
             raise ConvertError(f"--refine is dlwsi's latent refinement; --codec "
                                f"{choice.name} has no such setting")
         params["refine"] = int(refine)
@@ -100,39 +108,35 @@ def image_codec(choice: CodecChoice, quality: int, refine: int = 0) -> Any:
 
 
 def quality_range(choice: CodecChoice) -> tuple[int, int]:
-    """The qualities ``choice`` accepts, lowest to highest. For a codec that does not
-    declare them (dlwsi: the installed model's rungs), probe the registry from 1 up."""
+    """The qualities ``choice`` accepts, lowest to highest: from the table, or asked of
+    the codec itself (dlwsi: the rungs of the installed default model)."""
     if choice.quality_range is not None:
         return choice.quality_range
-    highest = 0
-    for quality in range(1, 256):
-        try:
-            image_codec(choice, quality)
-        except Exception as exc:  # noqa: BLE001 - the codec's own message says why
-            if highest == 0:
-                raise ConvertError(f"codec {choice.name}: {exc}") from None
-            break
-        highest = quality
-    return 1, highest
+    import numcodecs
+
+    register_image_codecs()
+    try:
+        return tuple(numcodecs.get_codec({"id": choice.numcodecs_id}).quality_range())
+    except Exception as exc:  # noqa: BLE001 - the codec's own message says why
+        raise ConvertError(f"codec {choice.name}: {exc}") from None
 
 
 def v3_codecs(choice: CodecChoice, quality: int | None, chunk_ssim: float | None = None,
               refine: int = 0) -> dict[str, Any]:
     """``filters``/``serializer``/``compressors`` for a Zarr v3 (3, H, W) uint8 array."""
-    if choice.name == "dlwsi":
-        config: dict[str, Any] = {"name": "dlwsi"}
-        params = _params(choice, quality, chunk_ssim, refine)
-        if params:
-            config["configuration"] = params
-        return {"filters": None, "serializer": config, "compressors": None}
     register_image_codecs()
+    params = _params(choice, quality, chunk_ssim, refine)
+    serializer: dict[str, Any] = {"name": choice.zarr3_name
+                                  or f"numcodecs.{choice.numcodecs_id}"}
+    if params or choice.zarr3_name is None:
+        serializer["configuration"] = params
     return {
-        "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}],
-        "serializer": {"name": f"numcodecs.{choice.numcodecs_id}",
-                       "configuration": _params(choice, quality, chunk_ssim, refine)},
-        # dlwsi chunks carry a CRC of their own; the classical codecs' do not, and a
-        # damaged one would decode to wrong pixels or fail deep inside its library
-        "compressors": [{"name": "crc32c"}],
+        "filters": [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}]
+        if choice.channels_last else None,
+        "serializer": serializer,
+        # a chunk without a checksum of its own would, damaged, decode to wrong pixels
+        # or fail deep inside its library: crc32c makes the damage a clear error
+        "compressors": None if choice.checksummed else [{"name": "crc32c"}],
     }
 
 
@@ -141,7 +145,7 @@ def v2_compressor(choice: CodecChoice, quality: int | None, chunk_ssim: float | 
     """The numcodecs ``compressor`` for a Zarr v2 array (NGFF 0.4)."""
     if choice.channels_last:
         # Zarr v2 has no transpose filter: an image codec would see (3, H, W) chunks as
-        # a 3-row image. Only dlwsi codes channel-first chunks directly.
+        # a 3-row image. Only a codec of channel-first chunks (dlwsi) works there.
         raise ConvertError(f"--codec {choice.name} needs --ngff 0.5 (Zarr v2 cannot hand it "
                            "channel-last chunks); use --codec dlwsi with --ngff 0.4")
     return {"id": choice.numcodecs_id, **_params(choice, quality, chunk_ssim, refine)}

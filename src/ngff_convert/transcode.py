@@ -104,8 +104,8 @@ def shard_bytes(chunks: list[PackedTile | None], per_shard: int) -> bytes:
 
 
 def write_block(store: Any, path: str, tiles: JpegTiles, tissue: TissueMask | None,
-                glass: Glass, per_block: int, sharded: bool, y0: int, x0: int,
-                present: frozenset[str]) -> np.ndarray:
+               glass: Glass, per_block: int, sharded: bool, y0: int, x0: int,
+               present: frozenset[str]) -> np.ndarray:
     """Write the level-0 objects of the block of ``per_block`` x ``per_block`` tiles at
     (y0, x0): one shard when ``sharded``, else one object per tile (objects already in
     ``present``, from an interrupted run, are left as they are). Returns [tiles
@@ -149,7 +149,7 @@ def write_block(store: Any, path: str, tiles: JpegTiles, tissue: TissueMask | No
 
 
 def block_done(array: zarr.Array, path: str, tiles: JpegTiles, tissue: TissueMask | None,
-               glass: Glass, per_block: int, by: int, bx: int, present: set[str]) -> bool:
+              glass: Glass, per_block: int, by: int, bx: int, present: set[str]) -> bool:
     """--resume: whether block (by, bx)'s objects are all stored."""
     encode_key = array.metadata.encode_chunk_key
     if array.shards is not None:

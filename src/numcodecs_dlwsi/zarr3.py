@@ -1,6 +1,4 @@
-"""zarr-python 3 adapters: ``dlwsi`` as an array-to-bytes codec (serializer),
-``dlwsi_jpeg_lattice`` as an array-to-array codec (a filter before any serializer), and
-``dlwsi_jpeg_tile`` as an array-to-bytes codec (a scanner's JPEG tiles kept bit for bit).
+"""zarr-python 3 adapter: ``dlwsi`` as an array-to-bytes codec (serializer).
 
 Chunks that zarr hands over together are coded in one batch, so a GPU sees large
 batches; the work runs in a thread to keep zarr's event loop free.
@@ -14,13 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from zarr.abc.codec import ArrayArrayCodec, ArrayBytesCodec
+from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.common import parse_named_configuration
 
-from . import jpeg_tile
 from .codec_config import CodecConfig
 from .image_codec import decode_batch, encode_batch
-from .jpeg_lattice import DEFAULT_TOLERANCE, JpegLattice, snap_image
 
 if TYPE_CHECKING:
     from typing import Self
@@ -110,98 +106,3 @@ class DlwsiCodec(ArrayBytesCodec):
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError("dlwsi output size depends on the image")
-
-
-@dataclass(frozen=True)
-class JpegLatticeCodec(ArrayArrayCodec):
-    """Array-to-array codec for JPEG-sourced images: decoding snaps each chunk back onto
-    the source's JPEG lattice (``jpeg_lattice.snap``), encoding is the identity. Goes
-    before the serializer (any lossy image codec), inside the shard's codecs when sharded,
-    with chunks on the source's 8x8 block grid."""
-
-    is_fixed_size = True
-
-    lattice: JpegLattice
-
-    def __init__(self, *, color: str, tables: list, subsampled: bool = False,
-                 tolerance: float = DEFAULT_TOLERANCE) -> None:
-        object.__setattr__(self, "lattice", JpegLattice.from_dict(
-            {"color": color, "tables": tables, "subsampled": subsampled,
-             "tolerance": tolerance}))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Self:
-        _, configuration = parse_named_configuration(data, "dlwsi_jpeg_lattice")
-        return cls(**configuration)
-
-    def to_dict(self) -> dict:
-        return {"name": "dlwsi_jpeg_lattice", "configuration": self.lattice.as_dict()}
-
-    def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
-                 chunk_grid: ChunkGrid) -> None:
-        if dtype.to_native_dtype() != np.dtype(np.uint8):
-            raise ValueError(f"dlwsi_jpeg_lattice needs uint8 RGB, not "
-                             f"{dtype.to_native_dtype()}")
-        chunk_shape = getattr(chunk_grid, "chunk_shape", None)
-        if chunk_shape is not None and (len(chunk_shape) != 3 or chunk_shape[0] != 3):
-            raise ValueError(f"dlwsi_jpeg_lattice needs chunks shaped (3, H, W), not "
-                             f"{tuple(chunk_shape)}")
-
-    async def _decode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> NDBuffer:
-        image = await asyncio.to_thread(snap_image, chunk_array.as_numpy_array(), self.lattice)
-        return chunk_spec.prototype.nd_buffer.from_numpy_array(image)
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec
-                             ) -> NDBuffer | None:
-        return chunk_array
-
-    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
-        return input_byte_length
-
-
-@dataclass(frozen=True)
-class JpegTileCodec(ArrayBytesCodec):
-    """Array-to-bytes codec of a scanner's JPEG tiles kept bit for bit (``jpeg_tile``):
-    decoding gives the pixels a JPEG decoder gives from the tile, in the chunk's layout,
-    (3, H, W) or (H, W, 3). Chunks are written from the tiles' JPEG bytes
-    (``jpeg_tile.pack``, as ngff-convert does), never from pixels."""
-
-    is_fixed_size = False
-
-    colorspace: str
-
-    def __init__(self, *, colorspace: str = "ycbcr") -> None:
-        object.__setattr__(self, "colorspace", jpeg_tile.check_colorspace(colorspace))
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Self:
-        _, configuration = parse_named_configuration(data, "dlwsi_jpeg_tile",
-                                                     require_configuration=False)
-        return cls(**(configuration or {}))
-
-    def to_dict(self) -> dict:
-        return {"name": "dlwsi_jpeg_tile", "configuration": {"colorspace": self.colorspace}}
-
-    def validate(self, *, shape: tuple[int, ...], dtype: ZDType[TBaseDType, TBaseScalar],
-                 chunk_grid: ChunkGrid) -> None:
-        if dtype.to_native_dtype() != np.dtype(np.uint8):
-            raise ValueError(f"dlwsi_jpeg_tile holds 8-bit RGB, not {dtype.to_native_dtype()}")
-
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> NDBuffer:
-        image = await asyncio.to_thread(jpeg_tile.decode, chunk_bytes.to_bytes(),
-                                        self.colorspace)
-        if chunk_spec.shape[0] == 3 and chunk_spec.shape[-1] != 3:
-            image = np.ascontiguousarray(image.transpose(2, 0, 1))
-        if image.shape != tuple(chunk_spec.shape):
-            raise ValueError(f"dlwsi_jpeg_tile chunk holds a {image.shape} tile, but the "
-                             f"array expects chunks of {tuple(chunk_spec.shape)}")
-        return chunk_spec.prototype.nd_buffer.from_numpy_array(image)
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: ArraySpec) -> Buffer:
-        raise TypeError("dlwsi_jpeg_tile keeps a scanner's JPEG tiles as they are: its "
-                        "chunks are written from the tiles' JPEG bytes "
-                        "(numcodecs_dlwsi.jpeg_tile.pack, ngff-convert --level0 transcode), "
-                        "not from pixels")
-
-    def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
-        raise NotImplementedError("dlwsi_jpeg_tile output size depends on the tile")
