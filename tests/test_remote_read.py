@@ -16,6 +16,7 @@ only the shard indexes and the chunks the region needs were fetched, as byte ran
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import io
@@ -235,13 +236,13 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
         return io.BytesIO(body)
 
 
-@pytest.fixture(scope="module")
-def http_server(stores):
-    """A threaded static HTTP server on 127.0.0.1:<free port> serving the stores."""
+@contextlib.contextmanager
+def serving(handler: type, root: Path):
+    """A threaded static HTTP server on 127.0.0.1:<free port> serving ``root``."""
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(RangeHandler, directory=str(stores)))
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(root)))
     server.log = []
-    server.root = stores
+    server.root = root
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -251,6 +252,13 @@ def http_server(stores):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture(scope="module")
+def http_server(stores):
+    """The stores served with single byte ranges, every request recorded."""
+    with serving(RangeHandler, stores) as server:
+        yield server
 
 
 def test_range_handler(http_server):
@@ -448,17 +456,8 @@ def plain_http_server(stores):
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(stores)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Quiet, stores) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
 
 
 def test_server_without_ranges_is_named(stores, plain_http_server, tmp_path):

@@ -243,3 +243,18 @@ def test_jpeg_that_jpegxl_cannot_take_is_kept_as_is(kind):
             codec.decode(chunk)
     with pytest.raises(TypeError, match="not pixels"):
         codec.encode(pixels)
+
+
+@pytest.mark.parametrize("codec", ["jpegxl", "avif"])
+def test_classical_codec_stores_open_with_nothing_but_zarr(slides, tmp_path, codec):
+    """A store written with a classical codec opens in a fresh process that imports
+    nothing but zarr (the codecs come in through the package's entry points)."""
+    out = tmp_path / f"{codec}.zarr"
+    proc = run_cli(slides / CMU, out, "--codec", codec, "--quality", "80", "--level0",
+                   "lossy", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, "-c", READER, out, tmp_path / "l0.npy"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    level0 = np.load(tmp_path / "l0.npy")
+    assert level0.shape == (3, 2967, 2220) and 0 < level0.mean() < 255

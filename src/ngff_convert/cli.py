@@ -41,6 +41,15 @@ def _add_storage_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) ->
     p.add_argument("--storage-option", metavar="KEY=VALUE", action="append", default=[],
                    dest="storage_options", help=STORAGE_OPTION_HELP)
 
+
+def _add_reading_options(p: argparse.ArgumentParser, progress: bool = True) -> None:
+    """What every command that reads a store takes: fsspec options, the progress bar,
+    tracebacks."""
+    _add_storage_option(p)
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
 GLASS_HELP = """what to do with glass (slide background), from a tissue mask of a thumbnail:
   fill (default): chunks without tissue are not stored (they read as 255) and glass
         next to tissue is blended to white with a soft edge, so there are no seams
@@ -163,9 +172,7 @@ def verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-ssim", type=float, default=None,
                    help="exit 3 when level 0's tissue SSIM is below this")
     p.add_argument("--workers", type=int, default=None)
-    _add_storage_option(p)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    _add_reading_options(p)
     return p
 
 
@@ -179,9 +186,7 @@ def check_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--workers", type=int, default=None,
                    help="decoding threads (default: CPU count)")
-    _add_storage_option(p)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--debug", action="store_true")
+    _add_reading_options(p)
     return p
 
 
@@ -197,8 +202,7 @@ def extract_parser() -> argparse.ArgumentParser:
     p.add_argument("column", type=int, help="tile column (0 at the left)")
     p.add_argument("-o", "--output", required=True, metavar="FILE.jpg",
                    help="where to write the JPEG ('-' for standard output)")
-    _add_storage_option(p)
-    p.add_argument("--debug", action="store_true")
+    _add_reading_options(p, progress=False)
     return p
 
 
@@ -227,8 +231,7 @@ def info_parser() -> argparse.ArgumentParser:
                                 description="Describe a converted image.")
     p.add_argument("out")
     p.add_argument("--json", action="store_true", help="print JSON")
-    _add_storage_option(p)
-    p.add_argument("--debug", action="store_true")
+    _add_reading_options(p, progress=False)
     return p
 
 

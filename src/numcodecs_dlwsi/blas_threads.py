@@ -16,11 +16,12 @@ another limit, ``0`` leaves BLAS as it is.
 from __future__ import annotations
 
 import functools
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+
+from .environment import count
 
 ENV_BLAS_THREADS = "DLWSI_BLAS_THREADS"
 DEFAULT_BLAS_THREADS = 1
@@ -38,14 +39,7 @@ def _controller() -> Any:
 
 
 def blas_threads() -> int:
-    value = os.environ.get(ENV_BLAS_THREADS, str(DEFAULT_BLAS_THREADS))
-    try:
-        threads = int(value)
-    except ValueError:
-        raise ValueError(f"${ENV_BLAS_THREADS}={value!r} is not an integer") from None
-    if threads < 0:
-        raise ValueError(f"${ENV_BLAS_THREADS} must be >= 0 (0 = leave BLAS as it is)")
-    return threads
+    return count(ENV_BLAS_THREADS, DEFAULT_BLAS_THREADS, "leave BLAS as it is")
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .environment import count
 from .model_store import ModelRef, load, load_file
 
 ENV_PROVIDER = "DLWSI_PROVIDER"
@@ -48,14 +49,7 @@ DEFAULT_THREADS = 1
 
 
 def intra_op_threads() -> int:
-    value = os.environ.get(ENV_THREADS, str(DEFAULT_THREADS))
-    try:
-        threads = int(value)
-    except ValueError:
-        raise ValueError(f"${ENV_THREADS}={value!r} is not an integer") from None
-    if threads < 0:
-        raise ValueError(f"${ENV_THREADS} must be >= 0 (0 = onnxruntime's default)")
-    return threads
+    return count(ENV_THREADS, DEFAULT_THREADS, "onnxruntime's default")
 
 
 def session(ref: ModelRef, graph: str, providers: tuple[str, ...], threads: int
