@@ -258,3 +258,28 @@ def test_classical_codec_stores_open_with_nothing_but_zarr(slides, tmp_path, cod
     assert proc.returncode == 0, proc.stderr
     level0 = np.load(tmp_path / "l0.npy")
     assert level0.shape == (3, 2967, 2220) and 0 < level0.mean() < 255
+
+
+def test_killed_zero_loss_conversion_resumes(slides, zero_loss, tmp_path):
+    """Killed after some tiles were stored, --resume finishes level 0, reports every
+    tile (the interrupted run's too) and the result holds the source's tiles exactly."""
+    from ngff_helpers import kill_once_written
+
+    out = tmp_path / "killed.zarr"
+    args = [slides / CMU, out, "--level0", "transcode", "--codec", "jpeg", "--shard", "1",
+            "--workers", "1", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "ngff_convert", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tiles = tmp_path / "killed.zarr.incomplete" / "0" / "c"
+    kill_once_written(proc, lambda: sum(p.is_file() for p in tiles.rglob("*"))
+                      if tiles.exists() else 0, at_least=10)
+    done = run_cli(*args, "--resume")
+    assert done.returncode == 0, done.stderr
+    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+    whole = json.loads((zero_loss / "zarr.json").read_text())["attributes"]
+    assert attrs["ngff_convert"]["settings"]["level0"]["tiles"] == \
+        whole["ngff_convert"]["settings"]["level0"]["tiles"]
+    report = json.loads(run_cli("verify", slides / CMU, out, "--json", "--no-progress").stdout)
+    tiles_report = report["level0_tiles"]
+    assert tiles_report["differing"] == [] and tiles_report["stored"] == \
+        tiles_report["jpeg_identical"] == tiles_report["pixels_identical"] > 0

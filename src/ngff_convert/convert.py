@@ -50,6 +50,7 @@ from .tissue import Glass, TissueMask, mask_downsample, preview, thumbnail, tiss
 from .transcode import (
     Level0Plan,
     ZeroLossLevel0,
+    count_tiles,
     plan_level0,
     tiles_per_block,
 )
@@ -286,11 +287,12 @@ def _convert_into(dest: Destination, info: SlideInfo, options: Options,
     written, skipped, tile_counts = write_levels(out, levels, arrays, names, layout, tissue,
                                                   options, resuming, log, zero_loss)
     if zero_loss is not None:
+        if resuming:  # the interrupted run's blocks count too
+            tile_counts = count_tiles(out.store, arrays[0], names[0], zero_loss.tiles)
         settings["level0"]["tiles"] = tile_counts
         log(f"level 0: {tile_counts['transcoded']} tiles recompressed losslessly as "
             f"JPEG-XL, {tile_counts['kept_as_jpeg']} kept as JPEG (JPEG-XL cannot take "
-            f"them), {tile_counts['not_stored']} not stored (glass)"
-            + (" (this run's blocks)" if resuming else ""))
+            f"them), {tile_counts['not_stored']} not stored (glass)")
 
     if options.associated:
         _write_associated(group, info, zarr_format, options.ngff)

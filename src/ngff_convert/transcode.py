@@ -184,6 +184,33 @@ def sample_bits_per_pixel(tiles: JpegTiles, boxes: list[tuple[int, int, int, int
 # -------------------------------------------------------------------- read back
 
 
+def count_tiles(store: Any, array: zarr.Array, path: str, tiles: JpegTiles) -> dict[str, int]:
+    """Level 0's tiles as stored: recompressed as JPEG-XL, kept as JPEG, not stored (read
+    from the store, one object at a time: what a resumed run reports)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    encode_key = array.metadata.encode_chunk_key
+    per = array.shards[1] // array.chunks[1] if array.shards else 1
+    counts = {"transcoded": 0, "kept_as_jpeg": 0, "not_stored": 0}
+    for oy in range(-(-tiles.rows // per)):
+        for ox in range(-(-tiles.columns // per)):
+            buffer = sync(store.get(f"{path}/{encode_key((0, oy, ox))}",
+                                    prototype=default_buffer_prototype()))
+            data = buffer.to_bytes() if buffer is not None else b""
+            spans = [(0, len(data))] if data and per == 1 else []
+            if data and per > 1:
+                index = np.frombuffer(data[-per * per * 16 - 4:-4], "<u8").reshape(-1, 2)
+                spans = [(int(o), int(n)) for o, n in index if o != NO_CHUNK]
+            inside = sum(1 for r in range(oy * per, min((oy + 1) * per, tiles.rows))
+                         for c in range(ox * per, min((ox + 1) * per, tiles.columns)))
+            for offset, _ in spans:
+                kept = data[offset:offset + 2] == b"\xff\xd8"
+                counts["kept_as_jpeg" if kept else "transcoded"] += 1
+            counts["not_stored"] += inside - len(spans)
+    return counts
+
+
 def stored_chunk(store: Any, array: zarr.Array, path: str, row: int, column: int
                  ) -> bytes | None:
     """The codec bytes of level-0 chunk (row, column), its CRC-32C checked; None when
