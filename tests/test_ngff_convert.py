@@ -112,6 +112,25 @@ def default_stores(slides, tmp_path_factory) -> dict[str, Path]:
     return stores
 
 
+def test_default_keeps_no_lossy_level0_larger_than_zero_loss(slides, default_stores,
+                                                             tmp_path):
+    """CMU-1 at SSIM 0.95: dlwsi's lossy level 0 is the smaller one, so the default keeps
+    it and says why; the zero-loss level 0 (the same whatever codes the levels below)
+    is larger."""
+    store = default_stores[CMU]
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]
+    level0 = attrs["ngff_convert"]["settings"]["level0"]
+    assert level0["requested"] == "auto" and level0["mode"] == "lossy"
+    assert level0["lossy_bpp"] < level0["zero_loss_bpp"]
+    zero_loss = tmp_path / "zero.zarr"
+    run_cli(slides / CMU, zero_loss, "--level0", "transcode", "--codec", "jpeg",
+            "--no-progress")
+    lossy = sum(p.stat().st_size for p in (store / "0").rglob("*") if p.is_file())
+    lossless = sum(p.stat().st_size for p in (zero_loss / "0").rglob("*") if p.is_file())
+    assert lossy < lossless
+    assert "level 0: lossy" in run_cli("info", store).stdout
+
+
 @pytest.mark.parametrize("rel", list(REAL_SLIDES))
 def test_default_conversion_reads_everywhere(default_stores, rel):
     (width, height), mpp = REAL_SLIDES[rel]

@@ -165,23 +165,6 @@ def test_glass_keep_and_unsharded(slides, tmp_path):
     assert np.array_equal(level0, source)
 
 
-def test_default_keeps_no_lossy_level0_larger_than_zero_loss(slides, zero_loss, tmp_path):
-    """CMU-1 at SSIM 0.95: dlwsi's lossy level 0 is the smaller one, so the default keeps
-    it, and says why; the zero-loss level 0 (the same in any store) is larger."""
-    out = tmp_path / "default.zarr"
-    proc = run_cli(slides / CMU, out, "--no-progress")
-    assert proc.returncode == 0, proc.stderr
-    attrs = json.loads((out / "zarr.json").read_text())["attributes"]
-    level0 = attrs["ngff_convert"]["settings"]["level0"]
-    assert level0["requested"] == "auto" and level0["mode"] == "lossy"
-    assert level0["lossy_bpp"] < level0["zero_loss_bpp"]
-    lossy = sum(p.stat().st_size for p in (out / "0").rglob("*") if p.is_file())
-    lossless = sum(p.stat().st_size for p in (zero_loss / "0").rglob("*") if p.is_file())
-    assert lossy < lossless
-    info = run_cli("info", out)
-    assert "level 0: lossy" in info.stdout
-
-
 def test_auto_plan_on_the_real_tiles(slides):
     """The default's rule, on CMU-1's own tiles: zero loss when it is not larger than the
     lossy estimate, or when no lossy quality reaches the target."""

@@ -327,6 +327,8 @@ def _run_info(args: argparse.Namespace) -> int:
           f"{_mib(d['raw_bytes'])} raw"
           + (f", source file {_mib(src)} (stored = {d['stored_bytes'] / src:.1%} of it)"
              if src else ""))
+    print("(from the metadata and object sizes; 'ngff-convert check' decodes every chunk "
+          "and locates any damage)")
     return 0
 
 
