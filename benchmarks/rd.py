@@ -10,6 +10,7 @@ the curves are close to straight.
 
     python benchmarks/rd.py --json docs/results/rd.json --plot docs/results/rd.png
     python benchmarks/rd.py --model he-mshl-v1 --model he-mshl-v2   # compare families
+                       # (BD-rate of each family against the last one named, too)
     python benchmarks/rd.py --source-jpeg 30 --json docs/results/rd_source_jpeg30.json
                        # tiles as a JPEG-30 scanner stored them, the source to match
     python benchmarks/rd.py --source-jpeg 30 --source-layout rgb   # as Aperio does (CMU-1)
@@ -355,8 +356,20 @@ def main() -> int:
             ref: {m: bd_rate([p], curve, m) for m in ("ssim", "psnr")}
             for ref, curve in results["baselines"].items()}
         for name, points in results["dlwsi"].items() if len(points) > 1 for p in points}
+    # several model families: each against the last named (a candidate against a release)
+    families = [name for name in results["dlwsi"] if " refine " not in name]
+    if len(families) > 1:
+        reference = families[-1]
+        results["bd_rate_vs_model"] = {
+            name: {"reference": reference, **{m: bd_rate(results["dlwsi"][name],
+                                                         results["dlwsi"][reference], m)
+                                              for m in ("ssim", "psnr")}}
+            for name in families[:-1]}
     results["seconds"] = round(time.time() - started, 1)
     _print_report(results)
+    for name, rates in results.get("bd_rate_vs_model", {}).items():
+        print(f"{name} vs {rates['reference']}: SSIM {rates['ssim']:+.2f}%, "
+              f"PSNR {rates['psnr']:+.2f}% (BD-rate)")
     for model, rates in results.get("refine_vs_plain", {}).items():
         print(f"{model} refine {args.refine} vs {model}: SSIM {rates['ssim']:+.1f}%, "
               f"PSNR {rates['psnr']:+.1f}% (BD-rate)")
