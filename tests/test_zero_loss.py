@@ -184,13 +184,33 @@ def test_auto_plan_on_the_real_tiles(slides):
     assert plan_level0("auto", tiles, 2, 8.0, boxes, "dlwsi").mode == "lossy"  # NGFF 0.4
 
 
-@pytest.mark.parametrize("slide, words", [(TCGA, "not JPEG"), (DICOM, "format dicom")])
+@pytest.mark.parametrize("slide, words", [(TCGA, "not JPEG"), (DICOM, "not JPEG baseline")])
 def test_slides_without_jpeg_tiles_are_refused(slides, tmp_path, slide, words):
     out = tmp_path / "out.zarr"
     proc = run_cli(slides / slide, out, "--level0", "transcode", "--quality", "3",
                    "--no-progress")
     assert_one_line_error(proc, "--level0 transcode", words)
     assert not out.exists() and not (tmp_path / "out.zarr.incomplete").exists()
+
+
+def test_dicom_jpeg_frames_are_kept(slides, tmp_path):
+    """A DICOM WSI's JPEG baseline frames (OpenSlide's own fixture: a 16x16 crop of CMU-1
+    in one 64x64 frame) are kept like TIFF tiles: verify proves the JPEG and the pixels."""
+    import pydicom
+
+    slide = slides / "tiny_fixtures/boxes_dicom/boxes_0.dcm"
+    out = tmp_path / "dicom.zarr"
+    proc = run_cli(slide, out, "--level0", "transcode", "--codec", "jpeg", "--glass", "keep",
+                   "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(run_cli("verify", slide, out, "--json", "--no-progress").stdout)
+    tiles = report["level0_tiles"]
+    assert tiles["stored"] == tiles["jpeg_identical"] == tiles["pixels_identical"] == 1
+    frame = pydicom.encaps.generate_frames(pydicom.dcmread(slide).PixelData,
+                                           number_of_frames=1)
+    extracted = tmp_path / "frame.jpg"
+    assert run_cli("extract", out, 0, 0, "-o", extracted).returncode == 0
+    assert extracted.read_bytes() == next(frame)
 
 
 def test_ngff_04_is_refused(slides, tmp_path):

@@ -114,7 +114,7 @@ def convert_parser() -> argparse.ArgumentParser:
                         "tiles recompressed losslessly as JPEG-XL (about 0.74 of their "
                         "bytes; any reader decodes exactly the source's pixels, and "
                         "'ngff-convert extract' gives back each tile's JPEG byte for byte; "
-                        "JPEG-tiled SVS and generic TIFF, NGFF 0.5). lossy: coded with "
+                        "JPEG-tiled SVS, generic TIFF and DICOM, NGFF 0.5). lossy: coded with "
                         "--codec like the other levels. auto (default): transcode whenever "
                         "it is not larger than the lossy copy on the quality sample "
                         "(with a fixed --quality: lossy). Lower levels are always coded "

@@ -288,7 +288,7 @@ def plan_level0(requested: str, tiles: JpegTiles | str, zarr_format: int,
         why = tiles if isinstance(tiles, str) else "NGFF 0.4 (Zarr v2) has no place for it"
         if requested == "transcode":
             raise ConvertError(f"--level0 transcode: {why}; it needs a JPEG-tiled slide "
-                               "(Aperio SVS, generic tiled TIFF) and --ngff 0.5")
+                               "(Aperio SVS, generic tiled TIFF, DICOM) and --ngff 0.5")
         return Level0Plan(requested, "lossy", f"no zero-loss level 0: {why}")
     if requested == "transcode":
         return Level0Plan(requested, "transcode", "--level0 transcode: the source's JPEG "
