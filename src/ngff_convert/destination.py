@@ -80,15 +80,16 @@ def prepare(final: Output, overwrite: bool, resume: bool, protected: Iterable[Pa
     final_state = progress_state(final) if final.exists() else None
     work_state = progress_state(work) if work is not None and work.exists() else None
     if resume:
-        if work_state is not None and work_state.get("complete") and not final.exists():
+        if work_state is not None and final.exists():
+            # an interrupted --overwrite: its store will replace the target
+            check_replaceable(final.url, final_state, final.all_keys(), final.local,
+                              protected, final.is_bucket_root())
+        if work_state is not None and work_state.get("complete"):
             # killed between the last write and the rename
             publish(Destination(final, work))
-            log(f"{final.url}: already complete, nothing to do")
+            log(f"{final.url}: complete; nothing else to do")
             return None
-        if work_state is not None and not work_state.get("complete"):
-            if final.exists():  # an interrupted --overwrite: it will replace the target
-                check_replaceable(final.url, final_state, final.all_keys(), final.local,
-                                  protected, final.is_bucket_root())
+        if work_state is not None:
             log(f"resuming the interrupted conversion in {work.url}")
             work.discard_partial_writes()
             return Destination(final, work, True, work_state)

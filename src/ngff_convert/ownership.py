@@ -21,9 +21,12 @@ _META = r"(zarr\.json|\.zgroup|\.zattrs|\.zarray|\.zmetadata)"
 # v3 default chunk keys (c/0/1/2) and v2 keys with either separator (0/1/2, 0.1.2)
 _CHUNK = r"(c(/\d+)+|\d+([./]\d+)*)"
 _IMAGE = rf"({_META}|\d+/({_META}|{_CHUNK}))"
+# the folders of the image hierarchy: the group, levels, their chunk folders, associated/
+_FOLDER = r"((associated/([^/]+/)?)?(\d+/(c/)?(\d+/)*)?)"
 _OWN_KEY = re.compile(
-    rf"({_IMAGE}|associated/{_META}|associated/[^/]+/{_IMAGE})"
-    r"(\.[0-9a-f-]+\.partial)?"  # zarr's LocalStore: <key>.<uuid>.partial while writing
+    rf"({_IMAGE}|associated/{_META}|associated/[^/]+/{_IMAGE}"
+    # zarr's LocalStore writes <key with its suffix replaced by .<uuid hex>.partial> first
+    rf"|{_FOLDER}[^/]+\.[0-9a-f]{{32}}\.partial)"
 )
 #: how many foreign keys a refusal names
 SHOWN = 3
