@@ -22,7 +22,7 @@ from .store import (
     open_output,
 )
 from .transcode import (
-    stored_chunk,
+    StoredTiles,
     tile_codec,
 )
 
@@ -114,7 +114,7 @@ def extract_tile(target: str, row: int, column: int,
                                                   strict=True))
     if not (0 <= row < rows and 0 <= column < columns):
         raise ConvertError(f"tile {row},{column} is outside level 0's {rows}x{columns} tiles")
-    data = stored_chunk(out.store, array, path, row, column)
+    data = StoredTiles(out.store, array, path).chunk(row, column)
     if data is None:
         raise ConvertError(f"tile {row},{column} is not stored (glass)")
     config = array.metadata.codecs[0].to_dict()

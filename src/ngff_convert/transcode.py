@@ -16,6 +16,7 @@ tile is kept as scanned, glass within it included.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,62 +185,71 @@ def sample_bits_per_pixel(tiles: JpegTiles, boxes: list[tuple[int, int, int, int
 # -------------------------------------------------------------------- read back
 
 
+class StoredTiles:
+    """Level 0's chunks as stored, read one object (a shard, or a tile) at a time and kept
+    until another is asked for: walking the tiles in raster order reads each object once."""
+
+    def __init__(self, store: Any, array: zarr.Array, path: str) -> None:
+        self.store, self.path = store, path
+        self.encode_key = array.metadata.encode_chunk_key
+        self.per = array.shards[1] // array.chunks[1] if array.shards else 1
+        self._key: str | None = None
+        self._data: bytes | None = None
+
+    def _object(self, key: str) -> bytes | None:
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        if key != self._key:
+            buffer = sync(self.store.get(key, prototype=default_buffer_prototype()))
+            self._key, self._data = key, buffer.to_bytes() if buffer is not None else None
+        return self._data
+
+    def chunk(self, row: int, column: int) -> bytes | None:
+        """The codec bytes of tile (row, column), its CRC-32C checked; None when the tile
+        is not stored (glass). A damaged index or chunk is a one-line ConvertError."""
+        per = self.per
+        key = f"{self.path}/{self.encode_key((0, row // per, column // per))}"
+        data = self._object(key)
+        if data is None:
+            return None
+        if per > 1:
+            size = per * per * 16
+            index_bytes, crc = data[-size - 4:-4], data[-4:]
+            if len(data) < size + 4 or _crc32c(index_bytes) != crc:
+                raise ConvertError(f"{key}: the shard index is damaged (CRC-32C mismatch)")
+            index = np.frombuffer(index_bytes, "<u8").reshape(per, per, 2)
+            offset, length = (int(v) for v in index[row % per, column % per])
+            if offset == NO_CHUNK:
+                return None
+            data = data[offset:offset + length]
+        payload, crc = data[:-4], data[-4:]
+        if len(data) < 4 or _crc32c(payload) != crc:
+            raise ConvertError(f"{key}: level-0 tile {row},{column} is damaged (CRC-32C "
+                               "mismatch)")
+        return payload
+
+    def raster(self, rows: int, columns: int) -> Iterator[tuple[int, int]]:
+        """Every tile, object by object (so that each object is read once)."""
+        per = self.per
+        for oy in range(-(-rows // per)):
+            for ox in range(-(-columns // per)):
+                for row in range(oy * per, min((oy + 1) * per, rows)):
+                    for column in range(ox * per, min((ox + 1) * per, columns)):
+                        yield row, column
+
+
 def count_tiles(store: Any, array: zarr.Array, path: str, tiles: JpegTiles) -> dict[str, int]:
     """Level 0's tiles as stored: recompressed as JPEG-XL, kept as JPEG, not stored (read
-    from the store, one object at a time: what a resumed run reports)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    encode_key = array.metadata.encode_chunk_key
-    per = array.shards[1] // array.chunks[1] if array.shards else 1
+    from the store: what a resumed run reports)."""
+    stored = StoredTiles(store, array, path)
     counts = {"transcoded": 0, "kept_as_jpeg": 0, "not_stored": 0}
-    for oy in range(-(-tiles.rows // per)):
-        for ox in range(-(-tiles.columns // per)):
-            buffer = sync(store.get(f"{path}/{encode_key((0, oy, ox))}",
-                                    prototype=default_buffer_prototype()))
-            data = buffer.to_bytes() if buffer is not None else b""
-            spans = [(0, len(data))] if data and per == 1 else []
-            if data and per > 1:
-                index = np.frombuffer(data[-per * per * 16 - 4:-4], "<u8").reshape(-1, 2)
-                spans = [(int(o), int(n)) for o, n in index if o != NO_CHUNK]
-            inside = sum(1 for r in range(oy * per, min((oy + 1) * per, tiles.rows))
-                         for c in range(ox * per, min((ox + 1) * per, tiles.columns)))
-            for offset, _ in spans:
-                kept = data[offset:offset + 2] == b"\xff\xd8"
-                counts["kept_as_jpeg" if kept else "transcoded"] += 1
-            counts["not_stored"] += inside - len(spans)
+    for row, column in stored.raster(tiles.rows, tiles.columns):
+        data = stored.chunk(row, column)
+        kind = "not_stored" if data is None else (
+            "kept_as_jpeg" if data.startswith(b"\xff\xd8") else "transcoded")
+        counts[kind] += 1
     return counts
-
-
-def stored_chunk(store: Any, array: zarr.Array, path: str, row: int, column: int
-                 ) -> bytes | None:
-    """The codec bytes of level-0 chunk (row, column), its CRC-32C checked; None when
-    the tile is not stored (glass)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    encode_key = array.metadata.encode_chunk_key
-    per_shard = array.shards[1] // array.chunks[1] if array.shards else 1
-    key = f"{path}/{encode_key((0, row // per_shard, column // per_shard))}"
-    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
-    if buffer is None:
-        return None
-    data = buffer.to_bytes()
-    if per_shard > 1:
-        size = per_shard * per_shard * 16
-        index_bytes, crc = data[-size - 4:-4], data[-4:]
-        if len(data) < size + 4 or _crc32c(index_bytes) != crc:
-            raise ConvertError(f"{key}: the shard index is damaged (CRC-32C mismatch)")
-        index = np.frombuffer(index_bytes, "<u8").reshape(per_shard, per_shard, 2)
-        offset, length = (int(v) for v in index[row % per_shard, column % per_shard])
-        if offset == NO_CHUNK:
-            return None
-        data = data[offset:offset + length]
-    payload, crc = data[:-4], data[-4:]
-    if len(data) < 4 or _crc32c(payload) != crc:
-        raise ConvertError(f"{key}: level-0 tile {row},{column} is damaged (CRC-32C "
-                           "mismatch)")
-    return payload
 
 
 # --------------------------------------------------------------------------- choice
@@ -349,34 +359,34 @@ def verify_tiles(store: Any, array: zarr.Array, path: str, tiles: JpegTiles,
 
     codec = tile_codec(tiles.colorspace)
     side = tiles.tile
+    stored = StoredTiles(store, array, path)
     report: dict[str, Any] = {"stored": 0, "jpeg_identical": 0, "pixels_identical": 0,
                               "not_stored": 0, "differing": []}
     with open(tiles.path, "rb") as handle:
-        for row in range(tiles.rows):
-            for column in range(tiles.columns):
-                try:
-                    data = stored_chunk(store, array, path, row, column)
-                except ConvertError as exc:
-                    report["differing"].append({"tile": [row, column], "error": str(exc)})
-                    continue
-                if data is None:
-                    report["not_stored"] += 1
-                    continue
-                report["stored"] += 1
-                source = tiles.jpeg(row, column, handle)
-                try:
-                    same_jpeg = source is not None and hashlib.sha256(
-                        codec.jpeg(data)).digest() == hashlib.sha256(source).digest()
-                    pixels = np.asarray(codec.decode(data))
-                except ValueError as exc:
-                    report["differing"].append({"tile": [row, column], "error": str(exc)})
-                    continue
-                y, x = row * side, column * side
-                h, w = min(side, tiles.height - y), min(side, tiles.width - x)
-                same_pixels = np.array_equal(pixels[:, :h, :w], read_region(x, y, w, h))
-                report["jpeg_identical"] += same_jpeg
-                report["pixels_identical"] += same_pixels
-                if not (same_jpeg and same_pixels):
-                    report["differing"].append({"tile": [row, column], "jpeg": same_jpeg,
-                                                "pixels": same_pixels})
+        for row, column in stored.raster(tiles.rows, tiles.columns):
+            try:
+                data = stored.chunk(row, column)
+            except ConvertError as exc:
+                report["differing"].append({"tile": [row, column], "error": str(exc)})
+                continue
+            if data is None:
+                report["not_stored"] += 1
+                continue
+            report["stored"] += 1
+            source = tiles.jpeg(row, column, handle)
+            try:
+                same_jpeg = source is not None and hashlib.sha256(
+                    codec.jpeg(data)).digest() == hashlib.sha256(source).digest()
+                pixels = np.asarray(codec.decode(data))
+            except ValueError as exc:
+                report["differing"].append({"tile": [row, column], "error": str(exc)})
+                continue
+            y, x = row * side, column * side
+            h, w = min(side, tiles.height - y), min(side, tiles.width - x)
+            same_pixels = np.array_equal(pixels[:, :h, :w], read_region(x, y, w, h))
+            report["jpeg_identical"] += same_jpeg
+            report["pixels_identical"] += same_pixels
+            if not (same_jpeg and same_pixels):
+                report["differing"].append({"tile": [row, column], "jpeg": same_jpeg,
+                                            "pixels": same_pixels})
     return report
