@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One self-contained GPU training run; docs/gpu_training.md says how and why.
+# One self-contained GPU training run; docs/development/gpu_training.md says how and why.
 #
 #   scripts/gpu_train.sh prepare INIT [TRAIN OPTIONS...]   here: wheels, data pack, init
 #   scripts/gpu_train.sh run                               there: the device command runs this

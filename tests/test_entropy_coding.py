@@ -16,7 +16,7 @@ from numcodecs_dlwsi.entropy_coding import (
 
 
 def test_known_ans_words():
-    """docs/bitstream.md section 14.1, worked by hand: one word, 0x09800004."""
+    """docs/reference/bitstream.md section 14.1, worked by hand: one word, 0x09800004."""
     table = FrequencyTable(-1, np.array([1 << 22, 1 << 23, (1 << 22) - 1, 1]))
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(np.array([1, 2, 0, 1], dtype=np.int32), table._model)

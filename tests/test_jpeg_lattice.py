@@ -221,7 +221,7 @@ def test_generic_tiled_jpeg_tiff_in_ycbcr(he_image, tmp_path):
 
 
 #: The filter's output for a fixed input, pinned: stored chunks are read through it for
-#: years, so its arithmetic must never drift (docs/codec.md specifies it).
+#: years, so its arithmetic must never drift (docs/reference/codec.md specifies it).
 GOLDEN_SNAP = {
     ("rgb", False): "a93b15d6ee08bae6f802c03e8d3a39e08b8db4ea1861d50e04e79d9ca56489eb",
     ("ycbcr", False): "f8d08a943e6a94ccc7006ce5a3a6585aaa6c48155963ee8a2fb6f87363ba2d7c",

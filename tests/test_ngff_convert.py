@@ -212,7 +212,7 @@ def test_jpeg_slide_gets_the_lattice_filter_on_level_0_only(slides, default_stor
 
 def test_the_lattice_lets_a_lower_rung_reach_the_target(slides, default_stores, tmp_path):
     """Without the filter the same slide needs a higher rung, and more bytes, for the
-    same level-0 tissue SSIM (docs/converter.md has the figures)."""
+    same level-0 tissue SSIM (docs/guides/converter.md has the figures)."""
     off = tmp_path / "off.zarr"
     # level 0 lossy as in the default store (without the filter, the default would keep
     # the scanner's tiles instead: at the higher rung they are the smaller level 0)

@@ -1,7 +1,7 @@
 """A quality ladder of latent gains over one network (model file format 2, chunk version 2).
 
 Every rung of he-mshl-v2 lives in one file; a rung is a gain on the latent, applied in
-exact fixed point to the entropy parameters (docs/bitstream.md §8.3, §9).
+exact fixed point to the entropy parameters (docs/reference/bitstream.md §8.3, §9).
 """
 
 from __future__ import annotations

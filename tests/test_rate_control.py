@@ -1,7 +1,7 @@
 """Rate control: ``target_ssim`` codes each chunk at the lowest rung that reaches it.
 
 A ladder lives in one model file and every chunk names its rung, so the encoder may pick
-a rung per chunk and any reader of the pinned file decodes it (docs/codec.md).
+a rung per chunk and any reader of the pinned file decodes it (docs/reference/codec.md).
 """
 
 from __future__ import annotations

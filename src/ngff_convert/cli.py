@@ -127,7 +127,7 @@ def convert_parser() -> argparse.ArgumentParser:
                         "aperio.User, aperio.Date, scanner IDs, tiff.ImageDescription, ...) "
                         "and name the image after the source file (off by default: only "
                         "vendor, pixel size, objective power, level geometry and the "
-                        "source's SHA-256 are kept; docs/converter.md)")
+                        "source's SHA-256 are kept; docs/guides/converter.md)")
     _add_storage_option(p)
     m = p.add_argument_group("tissue mask")
     m.add_argument("--saturation-threshold", default="0.07",

@@ -1,7 +1,7 @@
 """The dlwsi chunk format: a small self-describing header, then the entropy-coded payload.
 
 Every field is validated before anything is allocated from it. The layout is specified
-in ``docs/bitstream.md``; any change to it needs a new ``FORMAT_VERSION``.
+in ``docs/reference/bitstream.md``; any change to it needs a new ``FORMAT_VERSION``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from enum import IntEnum
 MAGIC = b"DLWS"
 #: The version written by models with a quality ladder of latent gains (model file format
 #: 2). Version 1 chunks, from single-rung model files, differ only in the entropy
-#: parameters and reconstruction having no gain (docs/bitstream.md §8.3, §9); their bytes
+#: parameters and reconstruction having no gain (docs/reference/bitstream.md §8.3, §9); their bytes
 #: never change and they stay readable.
 FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)

@@ -3,7 +3,7 @@
 The coder is constriction's ``AnsCoder`` (64-bit state, 32-bit words, 24-bit
 probabilities). Every probability it uses comes from an integer table stored in the
 model file, so encoder and decoder agree bit for bit on any machine: no float is
-evaluated to build a distribution at coding time. ``docs/bitstream.md`` specifies the
+evaluated to build a distribution at coding time. ``docs/reference/bitstream.md`` specifies the
 symbol order precisely.
 """
 

@@ -11,7 +11,7 @@ coefficients are left alone, since snapping them would as often move them the wr
 
 This module knows nothing of Zarr or of any codec: it applies a lattice (the tables a
 slide reader found in the source's JPEG headers) to uint8 (3, H, W) images whose top-left
-pixel is on the source's 8x8 block grid. The arithmetic is specified in docs/codec.md
+pixel is on the source's 8x8 block grid. The arithmetic is specified in docs/reference/codec.md
 ("The JPEG lattice filter").
 """
 
@@ -27,7 +27,7 @@ from .blas_threads import single_threaded_blas
 BLOCK = 8
 COLORS = ("rgb", "ycbcr")
 #: Snap coefficients within this many quantization steps of a lattice point (chosen on
-#: training-side H&E tiles JPEG-coded at quality 30, docs/codec.md).
+#: training-side H&E tiles JPEG-coded at quality 30, docs/reference/codec.md).
 DEFAULT_TOLERANCE = 0.3
 
 
@@ -190,7 +190,7 @@ def snap(image: np.ndarray, lattice: JpegLattice) -> np.ndarray:
 
     The image's top-left pixel must be on the source's block grid; pixels of partial
     blocks at the right and bottom edges pass through unchanged. Bit-identical on every
-    machine (docs/codec.md gives the arithmetic).
+    machine (docs/reference/codec.md gives the arithmetic).
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"JPEG lattice snapping needs uint8 (3, H, W), got {image.dtype} "

@@ -3,7 +3,7 @@
 Arrays only (loaded with ``allow_pickle=False``): ONNX graphs as bytes, integer
 hyper-synthesis layers, integer frequency tables, and a JSON description. Format 1 holds
 one quality; format 2 holds a quality ladder of latent gains over the same network, so a
-ladder costs one network's bytes, not one per rung (docs/bitstream.md §8.3, §10).
+ladder costs one network's bytes, not one per rung (docs/reference/bitstream.md §8.3, §10).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ class ModelFile:
 
     @property
     def bitstream_version(self) -> int:
-        """The chunk format version this file's chunks carry (docs/bitstream.md §2)."""
+        """The chunk format version this file's chunks carry (docs/reference/bitstream.md §2)."""
         return 1 if self.format == 1 else 2
 
     @property

@@ -7,7 +7,7 @@ Running the same command again continues where the last run stopped.
 The same loop trains on a GPU (``device="cuda"``, bf16 autocast for the transforms, crops
 drawn on the GPU from a data pack, a wall-clock limit): checkpoints are always saved with
 CPU tensors, so a run started on a GPU continues on the CPU with the plain command (see
-docs/gpu_training.md).
+docs/development/gpu_training.md).
 """
 
 from __future__ import annotations
