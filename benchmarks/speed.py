@@ -61,6 +61,7 @@ from numcodecs_dlwsi.model_store import (
     ModelRef,
     default_model,
     default_quality,
+    load,
     qualities,
     resolve,
 )
@@ -278,6 +279,7 @@ def bench_dlwsi(tiles: list[np.ndarray], ref: ModelRef, batch: int, repeat: int,
         "samples": dict(samples),
         "cold_start_s": {"first_encode_batch": cold_encode, "first_decode_batch": cold_decode},
         "stages_match_end_to_end": bool(consistent),
+        "decoder_kflop_per_pixel": decoder_kflop_per_pixel(ref),
     }
 
 
@@ -316,6 +318,47 @@ def bench_encoder_option(tiles: list[np.ndarray], ref: ModelRef, batch: int, rep
         row["refine_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() \
             else f"cpu ({torch.get_num_threads()} torch threads)"
     return row
+
+
+# ------------------------------------------------------------------------- FLOPs
+
+
+def decoder_kflop_per_pixel(ref: ModelRef, side: int = TILE) -> dict[str, float] | None:
+    """Multiply-adds x 2 per output pixel of the decoder's convolutions for a ``side``²
+    chunk: the synthesis (from its ONNX graph, shapes inferred) and the integer
+    hyper-synthesis (from its layers); None without the onnx package."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    model_file = load(ref)
+    graph_model = onnx.load_from_string(model_file.synthesis_onnx)
+    (latent,) = graph_model.graph.input
+    dims = latent.type.tensor_type.shape.dim
+    for dim, value in zip(dims, (1, dims[1].dim_value, side // 16, side // 16), strict=True):
+        dim.Clear()
+        dim.dim_value = value
+    inferred = onnx.shape_inference.infer_shapes(graph_model, data_prop=True)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.graph.value_info, *inferred.graph.input,
+                        *inferred.graph.output]}
+    macs = 0
+    for node in inferred.graph.node:
+        if node.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        kernel = next(a.ints for a in node.attribute if a.name == "kernel_shape")
+        group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+        source, result = shapes[node.input[0]], shapes[node.output[0]]
+        taps = int(np.prod(kernel)) * source[1] * result[1] // group
+        macs += taps * (int(np.prod(result[2:])) if node.op_type == "Conv"
+                        else int(np.prod(source[2:])))
+    hyper, size = 0, side // 64  # z is at 1/64 of the chunk, each deconv doubles it
+    for layer in model_file.hyper_synthesis.layers:
+        taps = int(np.prod(layer.weight.shape))
+        hyper += taps * size * size
+        size *= layer.stride if layer.kind == "deconv" else 1
+    pixels = side * side
+    return {"synthesis": 2 * macs / pixels / 1e3, "hyper_synthesis": 2 * hyper / pixels / 1e3}
 
 
 # ------------------------------------------------------------------- through zarr
@@ -643,6 +686,10 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
                       f"{STAGE_HELP[stage]}")
         print(f"  {'decode_latents':<20}{1e3 * s['decode_latents'] / n:>9.1f}   package "
               "function: entropy decoding incl. hyper-synthesis")
+        flops = row.get("decoder_kflop_per_pixel")
+        if flops:
+            print(f"  decoder work        synthesis {flops['synthesis']:.1f} kFLOP per pixel, "
+                  f"hyper-synthesis {flops['hyper_synthesis']:.2f} (integer)")
         cold = row["cold_start_s"]
         print(f"  cold start          first encode_batch {cold['first_encode_batch']:.2f} s, "
               f"first decode_batch {cold['first_decode_batch']:.2f} s (load, ONNX sessions)")
