@@ -1,0 +1,248 @@
+"""A narrower synthesis transform for faster decoding, trained on cached latents.
+
+Decoding is two thirds synthesis (``he-mshl-v3``: 14.4 kFLOP per pixel). A narrower g_s
+decodes the *same* chunks (the analysis, hyper-synthesis and entropy models are
+untouched, so the latents and the bits stay exactly as they are); only the pixels change,
+so it would be a new model id, never a change behind he-mshl-v3. This measures what such
+a g_s costs in quality and buys in speed, on this CPU:
+
+1. Cache the decoder's exact inputs: training-side crops coded by the released model at a
+   few rungs, entropy-decoded to y_hat (``image_codec.decode_latents``), with the crops.
+2. Start the narrow g_s from the released one, keeping each layer's strongest channels
+   (by weight norm; the inverse-GDN parameters sliced to match), and train it on the
+   cache with the model's own distortion (``network.loss``), no encoder pass per step.
+3. On the held-out tiles (the ``rd.py`` split), code each tile at each rung once; decode
+   with the released g_s (onnxruntime, as the codec does) and with the narrow one (its
+   ONNX export, the same way), and report PSNR/SSIM per rung, the BD-rate of the narrow
+   decoder against the released one at the same bits, its FLOPs and its decoding time.
+
+    python benchmarks/narrow_synthesis.py --widths 48,48,24 --minutes 15 \\
+        --json docs/results/narrow_synthesis.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from compressai.layers import GDN
+from compressai.models.utils import deconv
+from pytorch_msssim import ssim as torch_ssim
+from torch import nn
+
+from numcodecs_dlwsi.image_codec import decode_latents, encode_batch
+from numcodecs_dlwsi.model_store import load, resolve
+from numcodecs_dlwsi.network.loss import distortion
+from numcodecs_dlwsi.network.release import network_from_release
+from numcodecs_dlwsi.train.data import (
+    CropSampler,
+    default_data_root,
+    load_training_images,
+    validation_tiles,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rd import bd_rate, ssim  # noqa: E402  (the rate-distortion benchmark's own measures)
+
+SIDE = 512  # decoding time is measured on chunks of this side
+
+
+def narrow_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequential:
+    """g_s with hidden widths ``widths`` (3 stages), each layer's strongest channels of
+    ``released`` copied in: deconv weights (in, out, k, k), inverse GDN beta and gamma."""
+    convs = [released[i] for i in (0, 2, 4, 6)]
+    gdns = [released[i] for i in (1, 3, 5)]
+    keep, previous = [], torch.arange(convs[0].weight.shape[0])
+    for layer, width in zip(convs[:3], widths, strict=True):
+        strength = layer.weight.detach()[previous].pow(2).sum(dim=(0, 2, 3))
+        keep.append(torch.sort(torch.topk(strength, width).indices).values)
+        previous = keep[-1]
+    ins = [torch.arange(convs[0].weight.shape[0]), *keep]
+    outs = [*keep, torch.arange(3)]
+    layers: list[nn.Module] = []
+    for k, (layer, cin, cout) in enumerate(zip(convs, ins, outs, strict=True)):
+        narrow = deconv(len(cin), len(cout))
+        with torch.no_grad():
+            narrow.weight.copy_(layer.weight[cin][:, cout])
+            narrow.bias.copy_(layer.bias[cout])
+        layers.append(narrow)
+        if k < 3:
+            gdn = GDN(len(cout), inverse=True)
+            with torch.no_grad():
+                beta = gdns[k].beta_reparam(gdns[k].beta)
+                gamma = gdns[k].gamma_reparam(gdns[k].gamma)
+                gdn.beta.copy_(gdn.beta_reparam.init(beta[cout]))
+                gdn.gamma.copy_(gdn.gamma_reparam.init(gamma[cout][:, cout]))
+            layers.append(gdn)
+    return nn.Sequential(*layers)
+
+
+def cached_latents(tiles: np.ndarray, qualities: list[int], model: str
+                   ) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """(y_hat (n, M, h, w) float32, the tiles they code (n, 3, H, W) uint8, bpp per
+    rung): each tile at each rung, as the codec decodes it."""
+    latents, targets, bpp = [], [], {}
+    for quality in qualities:
+        chunks = encode_batch(list(tiles), resolve(model, quality))
+        bpp[quality] = 8.0 * sum(len(c) for c in chunks) / tiles[:, 0].size
+        latents += [item.y_hat for item in decode_latents(chunks)]
+        targets += list(tiles)
+    return np.stack(latents).astype(np.float32), np.stack(targets), bpp
+
+
+def onnx_session(g_s: nn.Module, channels: int) -> ort.InferenceSession:
+    class Pixels(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.g_s = g_s
+
+        def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+            return (self.g_s(y_hat) * 255.0).clamp(0.0, 255.0)
+
+    buffer = io.BytesIO()
+    example = torch.zeros(1, channels, SIDE // 16, SIDE // 16)
+    torch.onnx.export(Pixels().eval(), (example,), buffer, input_names=["y_hat"],
+                      output_names=["x_hat"], dynamic_axes={"y_hat": {0: "b", 2: "h", 3: "w"}},
+                      opset_version=17, dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+
+def decode_ms(session: ort.InferenceSession, channels: int, repeat: int = 7) -> float:
+    y_hat = np.random.default_rng(0).normal(size=(1, channels, SIDE // 16, SIDE // 16)
+                                            ).astype(np.float32)
+    session.run(None, {"y_hat": y_hat})
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        session.run(None, {"y_hat": y_hat})
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def kflop_per_pixel(g_s: nn.Sequential) -> float:
+    """Multiply-adds x 2 of the transposed convolutions per output pixel (stride 2 each:
+    a layer's input has 1/4 of its output's pixels)."""
+    convs = [m for m in g_s if isinstance(m, nn.ConvTranspose2d)]
+    total, scale = 0.0, 1.0 / 4 ** len(convs)
+    for layer in convs:
+        cin, cout, kh, kw = layer.weight.shape
+        total += 2 * cin * cout * kh * kw * scale
+        scale *= 4
+    return total / 1e3
+
+
+def curve(session: ort.InferenceSession, latents: np.ndarray, tiles: np.ndarray,
+          qualities: list[int], bpp: dict[int, float]) -> list[dict]:
+    """(bpp, PSNR, SSIM) per rung of the tiles decoded through ``session``."""
+    points, n = [], len(tiles)
+    for k, quality in enumerate(qualities):
+        decoded = [np.clip(np.rint(session.run(None, {"y_hat": latents[i:i + 1]})[0][0]),
+                           0, 255).astype(np.uint8) for i in range(k * n, (k + 1) * n)]
+        mse = np.mean([np.mean((d.astype(np.float64) - t) ** 2)
+                       for d, t in zip(decoded, tiles, strict=True)])
+        points.append({"setting": quality, "bpp": bpp[quality],
+                       "psnr": float(10 * np.log10(255.0**2 / mse)),
+                       "ssim": float(np.mean([ssim(d, t) for d, t in
+                                              zip(decoded, tiles, strict=True)]))})
+    return points
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="he-mshl-v3")
+    p.add_argument("--widths", default="48,48,24", help="g_s hidden widths (released: 64,64,32)")
+    p.add_argument("--rungs", default="3,7,11", help="rungs coded for training and testing")
+    p.add_argument("--crops", type=int, default=96, help="training-side crops of 256² cached")
+    p.add_argument("--minutes", type=float, default=15.0, help="training time")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--per-image", type=int, default=4, help="held-out tiles per image")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    qualities = [int(q) for q in args.rungs.split(",")]
+    root = default_data_root()
+    release = resolve(args.model, qualities[-1])
+    meta = load(release).meta
+    channels = int(meta["M"])
+
+    print(f"caching latents of {args.crops} training-side crops at rungs {qualities} ...",
+          file=sys.stderr)
+    crops = CropSampler(load_training_images(root, with_slides=False), 256, seed=1).batch(
+        args.crops)
+    train_y, train_x, _ = cached_latents(crops, qualities, args.model)
+    held_out = validation_tiles(root, size=256, per_image=args.per_image)
+    test_y, _, bpp = cached_latents(held_out, qualities, args.model)
+
+    released = network_from_release(release).g_s.eval()
+    narrow = narrow_synthesis(released, widths)
+    optimizer = torch.optim.Adam(narrow.parameters(), lr=args.lr)
+    rng = np.random.default_rng(0)
+    ssim_weight = float(meta.get("ssim_weight", 0.0))
+    deadline, steps, losses = time.monotonic() + 60 * args.minutes, 0, []
+    print(f"training g_s {widths} for {args.minutes:g} minutes ...", file=sys.stderr)
+    while time.monotonic() < deadline:
+        pick = rng.integers(0, len(train_y), args.batch)
+        y_hat = torch.from_numpy(train_y[pick])
+        target = torch.from_numpy(train_x[pick]).float() / 255.0
+        x_hat = narrow(y_hat).clamp(0.0, 1.0)
+        mse = ((x_hat - target) ** 2).mean(dim=(1, 2, 3))
+        similarity = torch_ssim(x_hat, target, data_range=1.0, size_average=False)
+        loss = distortion(mse, similarity, ssim_weight).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        steps += 1
+        losses.append(float(loss))
+    narrow.eval()
+
+    sessions = {"released": onnx_session(released, channels),
+                "narrow": onnx_session(narrow, channels)}
+    start_narrow = narrow_synthesis(released, widths).eval()
+    sessions["narrow, untrained"] = onnx_session(start_narrow, channels)
+    rows = {}
+    for name, session in sessions.items():
+        g_s = {"released": released, "narrow": narrow,
+               "narrow, untrained": start_narrow}[name]
+        rows[name] = {"curve": curve(session, test_y, held_out, qualities, bpp),
+                      "kflop_per_pixel": kflop_per_pixel(g_s),
+                      "decode_ms_512": decode_ms(session, channels)}
+    for name in ("narrow", "narrow, untrained"):
+        rows[name]["bd_rate_vs_released"] = {
+            m: bd_rate(rows[name]["curve"], rows["released"]["curve"], m)
+            for m in ("ssim", "psnr")}
+    print(f"{'g_s':<20}{'kFLOP/px':>9}{'ms/512²':>9}  per rung: bpp PSNR SSIM")
+    for name, row in rows.items():
+        cells = "  ".join(f"q{p['setting']} {p['bpp']:.3f} {p['psnr']:.2f} {p['ssim']:.4f}"
+                          for p in row["curve"])
+        print(f"{name:<20}{row['kflop_per_pixel']:>9.2f}{row['decode_ms_512']:>9.1f}  {cells}")
+    for name in ("narrow", "narrow, untrained"):
+        rates = {m: "no common quality range" if v is None else f"{v:+.2f}%"
+                 for m, v in rows[name]["bd_rate_vs_released"].items()}
+        print(f"{name} vs released (same bits): SSIM {rates['ssim']}, PSNR "
+              f"{rates['psnr']} (BD-rate); {steps} training steps")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "narrow synthesis on cached latents", "created": time.strftime(
+                "%Y-%m-%d"), "settings": {k: str(v) for k, v in vars(args).items()},
+            "training_steps": steps, "loss_first_last": [losses[:20], losses[-20:]],
+            "held_out_tiles": len(held_out), "rows": rows}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
