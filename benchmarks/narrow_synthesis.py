@@ -206,7 +206,7 @@ def main() -> int:
         loss.backward()
         optimizer.step()
         steps += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     narrow.eval()
 
     sessions = {"released": onnx_session(released, channels),
