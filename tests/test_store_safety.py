@@ -280,3 +280,23 @@ def test_keep_properties_on_request(slides, tmp_path):
     attrs = json.loads((out / "zarr.json").read_text())["attributes"]
     assert attrs["openslide"]["aperio.Filename"] and "aperio.Date" in attrs["openslide"]
     assert attrs["ome"]["multiscales"][0]["name"] == "CMU-1-Small-Region.svs"
+
+
+def test_files_put_in_the_target_meanwhile_are_not_replaced(slides, tmp_path):
+    """Something else writes into the target while the conversion runs: the finished
+    store is not renamed over it; it waits, complete, beside the target."""
+    from ngff_convert import ConvertError
+    from ngff_convert.convert import convert
+    from ngff_convert.options import Options
+
+    out = tmp_path / "out.zarr"
+
+    def log(message: str) -> None:  # the first log line comes before anything is written
+        out.mkdir(exist_ok=True)
+        (out / "notes.txt").write_text("not ours")
+
+    with pytest.raises(ConvertError, match="refusing to replace it"):
+        convert(str(slides / SMALL), str(out), Options(codec="jpeg", progress=False), log=log)
+    assert (out / "notes.txt").read_text() == "not ours"
+    work = json.loads((tmp_path / "out.zarr.incomplete" / "zarr.json").read_text())
+    assert work["attributes"]["ngff_convert"]["complete"] is True

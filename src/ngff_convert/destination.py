@@ -35,6 +35,7 @@ class Destination:
     work: Output  # where it is written: ``final`` itself for object stores
     resuming: bool = False
     state: dict[str, Any] | None = None  # the interrupted run's record, when resuming
+    protected: tuple[Path, ...] = ()  # files that must survive (the input slide)
 
     @property
     def in_place(self) -> bool:
@@ -86,13 +87,13 @@ def prepare(final: Output, overwrite: bool, resume: bool, protected: Iterable[Pa
                               protected, final.is_bucket_root())
         if work_state is not None and work_state.get("complete"):
             # killed between the last write and the rename
-            publish(Destination(final, work))
+            publish(Destination(final, work, protected=tuple(protected)))
             log(f"{final.url}: complete; nothing else to do")
             return None
         if work_state is not None:
             log(f"resuming the interrupted conversion in {work.url}")
             work.discard_partial_writes()
-            return Destination(final, work, True, work_state)
+            return Destination(final, work, True, work_state, tuple(protected))
         if final.exists():
             if final_state is None:
                 raise ConvertError(f"{final.url}: exists but was not written by ngff-convert; "
@@ -102,7 +103,7 @@ def prepare(final: Output, overwrite: bool, resume: bool, protected: Iterable[Pa
                 return None
             log(f"resuming the interrupted conversion in {final.url}")
             final.discard_partial_writes()
-            return Destination(final, final, True, final_state)
+            return Destination(final, final, True, final_state, tuple(protected))
         log(f"{final.url}: no interrupted conversion to resume; converting from the start")
     elif overwrite:
         # prove both are ours before touching either
@@ -127,7 +128,8 @@ def prepare(final: Output, overwrite: bool, resume: bool, protected: Iterable[Pa
             raise ConvertError(f"{final.url}: already exists (use --overwrite to replace it"
                                + (", or --resume to finish it)"
                                   if not final_state.get("complete") else ")"))
-    return Destination(final, work if work is not None else final)
+    return Destination(final, work if work is not None else final,
+                       protected=tuple(protected))
 
 
 def publish(dest: Destination) -> None:
@@ -139,6 +141,10 @@ def publish(dest: Destination) -> None:
     assert final is not None and work is not None
     old = None
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        # proven ours when the conversion started; proven again now, in case anything
+        # else was put there meanwhile (the new store then waits in its sibling)
+        check_replaceable(dest.final.url, progress_state(dest.final), dest.final.all_keys(),
+                          final, dest.protected)
         old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
         os.replace(final, old)
     os.replace(work, final)
