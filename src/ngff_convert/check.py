@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from . import one_line
 from .store import Output
 
 
@@ -92,7 +93,7 @@ def read_region(array: zarr.Array, path: str, y0: int, y1: int, x0: int, x1: int
                 out[:, ya - y0:yb - y0, xa - x0:xb - x0] = array[:, ya:yb, xa:xb]
             except Exception as exc:  # noqa: BLE001 - any decoding error is damage
                 damage.add(Damage(path, (cy, cx), object_key(array, path, (cy, cx)),
-                                  _one_line(exc)))
+                                  _describe(exc)))
                 bad[ya - y0:yb - y0, xa - x0:xb - x0] = True
     return out, bad
 
@@ -112,7 +113,7 @@ def check_store(out: Output, group: zarr.Group, paths: list[str], workers: int |
             read_chunk(arrays[path], chunk)
         except Exception as exc:  # noqa: BLE001 - any decoding error is damage
             damage.add(Damage(path, chunk, object_key(arrays[path], path, chunk),
-                              _one_line(exc)))
+                              _describe(exc)))
 
     bar = None
     if progress:
@@ -132,8 +133,9 @@ def check_store(out: Output, group: zarr.Group, paths: list[str], workers: int |
             "chunks_checked": len(jobs), "damaged": [d.as_dict() for d in found]}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def _describe(exc: BaseException) -> str:
+    """An error on one line, zarr's checksum message said plainly."""
+    text = one_line(exc)
     if "Stored and computed checksum do not match" in text:
         # zarr's crc32c (a classical codec's chunk, or a shard's index)
         return "crc32c checksum mismatch: the stored bytes changed after they were written"

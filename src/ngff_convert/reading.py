@@ -76,18 +76,16 @@ def info(target: str, storage_options: dict[str, Any] | None = None) -> dict[str
         })
     unit = next((a.get("unit") for a in ms["axes"] if a["name"] == "x"), None)
     state = group.attrs.get(PROGRESS_KEY, {})
+    settings = state.get("settings", {})
     total_stored, total_objects = out.size()
     raw_total = sum(level["raw_bytes"] for level in levels)
     return {
         "store": out.url, "ngff": version, "zarr_format": group.metadata.zarr_format,
         "name": ms.get("name"), "unit": unit, "levels": levels,
         "stored_bytes": total_stored, "objects": total_objects, "raw_bytes": raw_total,
-        "source_bytes": state.get("settings", {}).get("source_bytes"),
-        "glass": state.get("settings", {}).get("glass"),
-        "tissue": state.get("tissue"),
-        "quality_choice": state.get("settings", {}).get("quality_choice"),
-        "jpeg_lattice": state.get("settings", {}).get("jpeg_lattice_note"),
-        "level0": state.get("settings", {}).get("level0"),
+        "source_bytes": settings.get("source_bytes"), "glass": settings.get("glass"),
+        "tissue": state.get("tissue"), "quality_choice": settings.get("quality_choice"),
+        "jpeg_lattice": settings.get("jpeg_lattice_note"), "level0": settings.get("level0"),
     }
 
 

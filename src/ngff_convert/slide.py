@@ -16,7 +16,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from . import ConvertError
+from . import ConvertError, one_line
 
 WHITE = 255
 
@@ -49,16 +49,16 @@ def open_slide(path: str | os.PathLike[str]) -> SlideInfo:
     except openslide.OpenSlideUnsupportedFormatError:
         raise ConvertError(f"{p}: not a slide format OpenSlide can read") from None
     except openslide.OpenSlideError as exc:
-        raise ConvertError(f"{p}: OpenSlide cannot read it: {_one_line(exc)}") from None
+        raise ConvertError(f"{p}: OpenSlide cannot read it: {one_line(exc)}") from None
     except OSError as exc:
-        raise ConvertError(f"{p}: cannot open: {_one_line(exc)}") from None
+        raise ConvertError(f"{p}: cannot open: {one_line(exc)}") from None
     # OpenSlide opens some TIFFs whose pixels it cannot decode (e.g. float samples):
     # read one pixel of the smallest level so such files fail here, not mid-conversion.
     try:
         slide.read_region((0, 0), slide.level_count - 1, (1, 1))
     except openslide.OpenSlideError as exc:
         _cached_open.cache_clear()
-        raise ConvertError(f"{p}: unsupported pixel format: {_one_line(exc)}") from None
+        raise ConvertError(f"{p}: unsupported pixel format: {one_line(exc)}") from None
     props = dict(slide.properties)
     return SlideInfo(
         path=str(p.resolve()),
@@ -143,7 +143,7 @@ def _read_region(info: SlideInfo, location: tuple[int, int], level: int,
         raise ConvertError(
             f"{Path(info.path).name}: cannot read the pixels at level {level}, "
             f"({location[0]}, {location[1]}) + {size[0]}x{size[1]}; the file is damaged "
-            f"or truncated: {_one_line(exc)}") from None
+            f"or truncated: {one_line(exc)}") from None
 
 
 def associated_image(info: SlideInfo, name: str) -> np.ndarray:
@@ -158,7 +158,3 @@ def _float(value: str | None) -> float | None:
     except ValueError:
         return None
     return f if f is not None and math.isfinite(f) and f > 0 else None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -25,7 +25,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
 
-from . import ConvertError
+from . import ConvertError, one_line
 from .ownership import local_keys
 
 PROGRESS_KEY = "ngff_convert"  # attribute of an image group written by us
@@ -228,7 +228,7 @@ def open_output(target: str, *, read_only: bool = False,
             raise ConvertError(f"{target}: cannot use this URL: missing package "
                                f"{exc.name or exc}") from None
         except (ValueError, TypeError) as exc:
-            raise ConvertError(f"{target}: cannot use this URL: {_one_line(exc)}") from None
+            raise ConvertError(f"{target}: cannot use this URL: {one_line(exc)}") from None
         out = Output(url=target, store=store, local=None, fs=fs, fs_path=store.path)
         if _protocol(target) in S3_PROTOCOLS:
             _probe_s3(out, options)
@@ -268,9 +268,9 @@ def _probe_s3(out: Output, options: dict[str, Any]) -> None:
     try:
         endpoint = probe.s3.meta.endpoint_url  # builds the client; no request yet
     except BotoCoreError as exc:  # e.g. a malformed endpoint_url
-        raise ConvertError(f"{out.url}: cannot set up S3: {_one_line(exc)}") from None
+        raise ConvertError(f"{out.url}: cannot set up S3: {one_line(exc)}") from None
     except (ValueError, TypeError) as exc:
-        raise ConvertError(f"{out.url}: cannot set up S3: {_one_line(exc)}") from None
+        raise ConvertError(f"{out.url}: cannot set up S3: {one_line(exc)}") from None
     try:
         try:
             probe.call_s3("head_bucket", Bucket=bucket)
@@ -287,18 +287,18 @@ def _probe_s3(out: Output, options: dict[str, Any]) -> None:
     except PermissionError as exc:
         how = "anonymously (anon=true)" if options.get("anon") else "with these credentials"
         raise ConvertError(f"{where} at {endpoint}: access denied {how} "
-                           f"({_one_line(exc)})") from None
+                           f"({one_line(exc)})") from None
     except (NoCredentialsError, PartialCredentialsError) as exc:
-        raise ConvertError(f"{out.url}: no S3 credentials ({_one_line(exc)}): set "
+        raise ConvertError(f"{out.url}: no S3 credentials ({one_line(exc)}): set "
                            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or "
                            "--storage-option key=... secret=..., or anon=true for a public "
                            "bucket") from None
     except (ConnectionError, HTTPClientError, TimeoutError) as exc:
         raise ConvertError(f"{out.url}: cannot reach the S3 endpoint {endpoint} "
-                           f"({_one_line(exc)}); set it with AWS_ENDPOINT_URL or "
+                           f"({one_line(exc)}); set it with AWS_ENDPOINT_URL or "
                            "--storage-option endpoint_url=...") from None
     except (BotoCoreError, OSError) as exc:  # s3fs maps other S3 errors to OSError
-        raise ConvertError(f"{where} at {endpoint}: {_one_line(exc)}") from None
+        raise ConvertError(f"{where} at {endpoint}: {one_line(exc)}") from None
 
 
 HTTP_PROTOCOLS = ("http", "https")
@@ -340,7 +340,7 @@ def check_writable(out: Output) -> None:
     except ConvertError:
         raise
     except Exception as exc:  # noqa: BLE001 - any backend error means "not writable"
-        raise ConvertError(f"{out.url}: cannot write there: {_one_line(exc)}") from None
+        raise ConvertError(f"{out.url}: cannot write there: {one_line(exc)}") from None
 
 
 def create_level(group: zarr.Group, name: str, shape: tuple[int, int, int], chunk: int,
@@ -365,7 +365,3 @@ def create_level(group: zarr.Group, name: str, shape: tuple[int, int, int], chun
                                   **codecs)
     return group.create_array(**common, chunk_key_encoding={"name": "v2", "separator": "/"},
                               **codecs)
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
