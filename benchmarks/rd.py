@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from pathlib import Path
 
 import imagecodecs
 import numpy as np
+from report import percent, provenance, publish, table
 from scipy.interpolate import PchipInterpolator
 from scipy.ndimage import gaussian_filter
 
@@ -226,29 +226,81 @@ def _dlwsi_curve(tiles: np.ndarray, model: str,
     return points
 
 
-def _print_report(results: dict) -> None:
-    source = ("" if results.get("source_jpeg") is None
-              else f", stored first as JPEG {results['source_jpeg']} (the source)")
-    print(f"{results['tiles']} held-out H&E tiles of 256x256{source} ({results['machine']})")
-    print(f"{'codec':<22}{'bpp':>7}{'PSNR':>8}{'SSIM':>8}")
-    for name, points in {**results["dlwsi"], **results["baselines"]}.items():
-        for p in points:
-            label = f"{name} {'q' if name in results['dlwsi'] else ''}{p['setting']}"
-            print(f"{label:<22}{p['bpp']:>7.3f}{p['psnr']:>8.2f}{p['ssim']:>8.4f}")
-    print("\nBD-rate (negative = fewer bits than the reference at equal quality)")
+def title(results: dict) -> str:
+    source = results.get("source_jpeg")
+    if source is None:
+        return "Rate-distortion on held-out H&E tiles"
+    return f"Rate-distortion on held-out H&E tiles stored first as JPEG {source}"
+
+
+def _source_text(results: dict) -> str:
+    source = results.get("source_jpeg")
+    if source is None:
+        return "the tiles as they are"
+    quality, *rest = str(source).split()
+    layout = ("RGB, each channel coded on its own, as Aperio scanners do" if "rgb" in rest
+              else "YCbCr 4:2:0, as most scanners do")
+    text = (f"each tile first stored as a scanner would, JPEG quality {quality} ({layout}), "
+            "and every codec measured against those decoded pixels, as `ngff-convert verify` "
+            "measures a slide against its source")
+    if "lattice" in rest:
+        text += ("; every codec's decoded tiles pass through the `dlwsi_jpeg_lattice` filter "
+                 "with the source's tables, as `ngff-convert` does on level 0 of a JPEG slide")
+    return text
+
+
+def _pair(rates: dict) -> str:
+    return f"{percent(rates['ssim'])} / {percent(rates['psnr'])}"
+
+
+def render(results: dict) -> str:
+    """The page body: what was measured, BD-rates, each rung, each baseline point."""
     refs = [r for r in REFERENCES if r in results["baselines"]]
-    print(f"{'codec':<22}" + "".join(f"{'vs ' + r:>26}" for r in refs))
-    print(f"{'':<22}" + "".join(f"{'SSIM':>13}{'PSNR':>13}" for _ in refs))
-    # each rung of a multi-rung model on its own too: a ladder's BD-rate hides which rung
-    # is short of the baselines
-    rows = {**results["bd_rate"], **results["rate_change_per_setting"]}
-    for name, rates in rows.items():
-        cells = ""
-        for ref in refs:
-            for metric in ("ssim", "psnr"):
-                value = rates[ref][metric]
-                cells += f"{value:>12.1f}%" if value is not None else f"{'n/a':>13}"
-        print(f"{name:<22}{cells}")
+    carried = (f" The baseline curves are carried from `{results['baselines_from']}` (the "
+               "same tiles, measured by a full run)." if results.get("baselines_from") else "")
+    out = [
+        f"{results['tiles']} tissue-rich 256x256 tiles from the held-out H&E images (never "
+        f"seen in training), {_source_text(results)}. Every byte of every encoded tile is "
+        "counted (dlwsi's chunk header included). JPEG is libjpeg-turbo, JPEG-XL libjxl at "
+        "effort 7, AVIF libavif (aom) at speed 6, JPEG 2000 OpenJPEG, all through "
+        "imagecodecs, each swept over its quality setting; dlwsi over its model's rungs. "
+        "SSIM is the Gaussian-window SSIM (σ 1.5) averaged over RGB and tiles; PSNR that "
+        f"of the mean squared error over all tiles.{carried}", "",
+        "BD-rate: the average change in bits at equal quality over the range both curves "
+        "cover (PCHIP on log-rate; SSIM compared as -10·log10(1-SSIM)); negative means "
+        "fewer bits than the reference. n/a: the curves share no quality range.", "",
+        "## BD-rate, SSIM / PSNR", "",
+        table(["codec", *(f"vs {r}" for r in refs)],
+              [[name, *(_pair(rates[r]) if name != r else "0" for r in refs)]
+               for name, rates in results["bd_rate"].items()])]
+    if results.get("bd_rate_vs_model") or results.get("refine_vs_plain"):
+        rows = [[name, rates["reference"], _pair(rates)]
+                for name, rates in results.get("bd_rate_vs_model", {}).items()]
+        rows += [[f"{model} refine", model, _pair(rates)]
+                 for model, rates in results.get("refine_vs_plain", {}).items()]
+        out += ["", "## Models against each other (same tiles, same run)", "",
+                table(["curve", "against", "BD-rate SSIM / PSNR"], rows)]
+    if results.get("plot"):
+        out += ["", f"![rate-distortion]({Path(results['plot']).name})"]
+    per_rung = results.get("rate_change_per_setting", {})
+    shown = [r for r in ("JPEG-XL", "AVIF") if r in refs]
+    out += ["", "## dlwsi, rung by rung", "",
+            "Each rung's bits against the reference curve at that rung's quality.", "",
+            table(["curve", "rung", "bpp", "PSNR dB", "SSIM",
+                   *(f"vs {r} (SSIM / PSNR)" for r in shown)],
+                  [[name, f"q{p['setting']}", f"{p['bpp']:.3f}", f"{p['psnr']:.2f}",
+                    f"{p['ssim']:.4f}",
+                    *(_pair(per_rung[f"{name} q{p['setting']}"][r])
+                      if f"{name} q{p['setting']}" in per_rung else "" for r in shown)]
+                   for name, points in results["dlwsi"].items() for p in points])]
+    out += ["", "## Baselines, setting by setting", "",
+            table(["codec", "setting", "bpp", "PSNR dB", "SSIM"],
+                  [[name, p["setting"], f"{p['bpp']:.3f}", f"{p['psnr']:.2f}",
+                    f"{p['ssim']:.4f}"]
+                   for name, points in results["baselines"].items() for p in points])]
+    if results.get("seconds"):
+        out += ["", f"The run took {results['seconds']:.0f} s."]
+    return "\n".join(out)
 
 
 def _earlier_run(path: Path) -> dict | str:
@@ -317,9 +369,8 @@ def main() -> int:
         restore = functools.partial(snap, lattice=source_lattice(args.source_jpeg,
                                                                  args.source_layout))
         source = f"{source} lattice"
-    results: dict = {"tiles": int(len(tiles)), "source_jpeg": source, "dlwsi": {},
-                     "baselines": {}, "bd_rate": {},
-                     "machine": platform.processor() or platform.machine()}
+    results: dict = {**provenance("rd"), "tiles": int(len(tiles)), "source_jpeg": source,
+                     "dlwsi": {}, "baselines": {}, "bd_rate": {}}
     for model in args.model or [default_model()]:
         results["dlwsi"][model] = _dlwsi_curve(tiles, model, restore, rungs=args.rungs)
         if args.refine:
@@ -366,7 +417,7 @@ def main() -> int:
                                               for m in ("ssim", "psnr")}}
             for name in families[:-1]}
     results["seconds"] = round(time.time() - started, 1)
-    _print_report(results)
+    print(render(results))
     for name, rates in results.get("bd_rate_vs_model", {}).items():
         print(f"{name} vs {rates['reference']}: SSIM {rates['ssim']:+.2f}%, "
               f"PSNR {rates['psnr']:+.2f}% (BD-rate)")
@@ -374,11 +425,11 @@ def main() -> int:
         print(f"{model} refine {args.refine} vs {model}: SSIM {rates['ssim']:+.1f}%, "
               f"PSNR {rates['psnr']:+.1f}% (BD-rate)")
     print(f"({results['seconds']:.0f} s)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
     if args.plot:
         plot(results, args.plot)
+        results["plot"] = str(args.plot)
+    if args.json:
+        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
     return 0
 
 

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from report import provenance, publish, table
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDE = REPO.parent / "shared" / "data" / "slides" / "aperio" / "CMU-1-Small-Region.svs"
@@ -270,6 +271,39 @@ def convert(slide: Path, out: Path) -> None:
                     "--no-progress"], check=True)
 
 
+def title(results: dict) -> str:
+    return "Reading one 1024x1024 region: local store, HTTP and S3 on loopback"
+
+
+def render(results: dict) -> str:
+    """The page body: the store, and per region, batch size, store and latency the
+    times, requests and bytes of one read."""
+    store, device = results["store"], results["device"]
+    lines = []
+    for r in results["rows"]:
+        requests = "-" if r["requests"] is None else "/".join(map(str, r["requests"]))
+        kib = "-" if r["bytes"] is None else "/".join(f"{b / 1024:.0f}" for b in r["bytes"])
+        lines.append([r["region"], r["chunks_touched"], r["batch_size"], r["store"],
+                      f"{r['latency_ms']:.0f}", f"{r['open_s']:.3f}",
+                      f"{r['read_s_median']:.3f}", f"{r['fetch_only_s_median']:.3f}",
+                      requests, kib])
+    return "\n".join([
+        f"The store: {store['source']} converted with the defaults (NGFF 0.5, dlwsi, 512² "
+        f"chunks in 2048² shards), {store['bytes'] / 2**10:.0f} KiB in {store['objects']} "
+        "objects. Read with zarr "
+        f"{device['zarr']} from its folder, over HTTP from Python's `http.server` on "
+        "127.0.0.1 (single byte ranges) and over S3 from moto's server on 127.0.0.1; "
+        "latency: a delay added before every answer of both servers. open: the group and "
+        "level 0; read: the region, median of "
+        f"{results['settings']['repeat']}; fetch: the same byte ranges fetched without "
+        "decoding; requests and KiB per read as the servers counted them. batch: zarr's "
+        "`codec_pipeline.batch_size`."
+        + (f" Load average when the run ended: {device['load_average'][0]:.1f} on "
+           f"{device['logical_cpus']} CPUs." if device.get("load_average") else ""), "",
+        table(["region", "chunks", "batch", "store", "latency ms", "open s", "read s",
+               "fetch s", "requests", "KiB"], lines)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--store", type=Path, help="an NGFF 0.5 store (default: convert "
@@ -359,10 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         import numcodecs_dlwsi
 
-        report = {
-            "benchmark": "read one 1024x1024 region of level 0: local vs HTTP vs S3 "
-                         "(loopback servers)",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        results = {
+            **provenance("remote_read", argv),
             "settings": {"repeat": args.repeat, "batch_sizes": batch_sizes,
                          "latencies_ms": latencies, "regions": regions},
             "store": {"source": args.slide.name if args.store is None else str(args.store),
@@ -376,8 +408,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                  "moto")}},
             "rows": rows,
         }
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
+        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
     return 0
 
 

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import provenance, publish, table
+
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
 DEFAULT_SLIDES = ["aperio/CMU-1-Small-Region.svs", "aperio/TCGA-CR-7395-01A-01-TS1.svs",
@@ -105,6 +107,8 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
                 "jpeg_lattice": info.get("jpeg_lattice") if lattice == "auto" else "off",
                 "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
                 "objects": info["objects"],
+                # the codec (and model id) of every level, as ngff-convert info names them
+                "level_codecs": [lv["codec"] for lv in info["levels"]],
                 "ssim_tissue": level0["ssim_tissue"], "psnr_tissue": level0["psnr_tissue"],
                 "ssim_all": level0["ssim_all"], "seconds": seconds,
                 "megapixels": megapixels, "mp_per_s": megapixels / seconds,
@@ -115,35 +119,44 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    def lattice(r: dict) -> str:
-        return "-" if r.get("jpeg_lattice") in (None, "off") or r["jpeg_lattice"].startswith(
-            "none") else "yes"
+def title(results: dict) -> str:
+    bar = results.get("target_ssim")
+    if bar is not None:
+        return f"Whole slides, every codec at level-0 tissue SSIM {bar}"
+    return "Whole slides, every codec at its default setting"
 
-    jpeg = {(r["slide"], r["glass"], lattice(r)): r["stored_bytes"] for r in rows
+
+def _lattice(r: dict) -> str:
+    return "-" if r.get("jpeg_lattice") in (None, "off") or r["jpeg_lattice"].startswith(
+        "none") else "yes"
+
+
+def render(results: dict) -> str:
+    """The page body: one row per slide, codec and glass mode."""
+    rows = results["rows"]
+    jpeg = {(r["slide"], r["glass"], _lattice(r)): r["stored_bytes"] for r in rows
             if r["codec"] == "jpeg"}
-    lines = [f"{'slide':<34} {'glass':<5} {'lattice':<7} {'codec':<10} {'stored MiB':>10} "
-             f"{'vs source':>9} "
-             f"{'vs JPEG':>8} {'SSIM tis.':>9} {'PSNR tis.':>9} {'MP/s':>6} {'peak MiB':>8}"
-             "  chosen quality"]
+    lines = []
     for r in rows:
-        vs_src = 1 - r["stored_bytes"] / r["source_bytes"]
-        ref = jpeg.get((r["slide"], r["glass"], lattice(r)))
-        vs_jpeg = f"{1 - r['stored_bytes'] / ref:+.0%}" if ref else "-"
+        ref = jpeg.get((r["slide"], r["glass"], _lattice(r)))
         # no tissue at all (an all-glass slide): the whole image's SSIM, marked *
         ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
-        psnr = "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}"
-        lines.append(
-            f"{Path(r['slide']).name[:34]:<34} {r['glass']:<5} {lattice(r):<7} "
-            f"{label(r['codec'], r.get('refine', 0)):<10} "
-            f"{r['stored_bytes'] / 2**20:>10.3f} {vs_src:>+9.0%} {vs_jpeg:>8} {ssim:>9} "
-            f"{psnr:>9} {r['mp_per_s']:>6.2f} {r['peak_rss_bytes'] / 2**20:>8.0f}"
-            + (f"  {r['chosen_quality']}" if r.get("chosen_quality") is not None else ""))
-    lines.append("vs source / vs JPEG: size reduction (positive = smaller). SSIM/PSNR: level 0, "
-                 "tissue pixels (* all pixels: no tissue), vs the source.\n"
-                 "MP/s: all levels' pixels / wall time. lattice: level 0 has the JPEG "
-                 "lattice filter. dlwsi rN: converted with --refine N.")
-    return "\n".join(lines)
+        lines.append([
+            Path(r["slide"]).name, r["glass"], _lattice(r), label(r["codec"], r.get("refine", 0)),
+            "" if r.get("chosen_quality") is None else r["chosen_quality"],
+            f"{r['stored_bytes'] / 2**20:.3f}", f"{r['stored_bytes'] / r['source_bytes']:.1%}",
+            f"{r['stored_bytes'] / ref:.1%}" if ref else "-", ssim,
+            "-" if r["psnr_tissue"] is None else f"{r['psnr_tissue']:.2f}",
+            f"{r['seconds']:.0f}", f"{r['mp_per_s']:.2f}", f"{r['peak_rss_bytes'] / 2**20:.0f}"])
+    return "\n".join([
+        "Each slide converted by `ngff-convert` in its own process (peak memory is that "
+        "conversion's), then `ngff-convert verify` against the source file. Stored: every "
+        "object of the store. SSIM / PSNR: level 0, tissue pixels (* all pixels, where the "
+        "slide has no tissue). lattice: level 0 through the JPEG lattice filter. MP/s: all "
+        "levels' pixels per second of wall time. dlwsi rN: converted with `--refine N`.",
+        "", table(["slide", "glass", "lattice", "codec", "setting", "stored MiB",
+                   "of the source", "of JPEG's", "SSIM", "PSNR dB", "seconds", "MP/s",
+                   "peak MiB"], lines)])
 
 
 def main() -> None:
@@ -156,7 +169,8 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the stores go (default: a temporary folder, removed)")
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    p.add_argument("--json", type=Path, default=None,
+                   help="also write the rows as JSON, and its results page beside it")
     p.add_argument("--target-ssim", type=float, default=None, metavar="S",
                    help="convert with every codec at --target-ssim S instead of its default")
     p.add_argument("--jpeg-lattice", nargs="+", default=["auto"], choices=["auto", "off"],
@@ -173,9 +187,10 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
                      args.target_ssim, tuple(args.jpeg_lattice), args.refine)
-    print(table(rows))
+    results = {**provenance("slides"), "target_ssim": args.target_ssim, "rows": rows}
+    print(render(results))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ converter's default) so every codec stores the same pixels.
 
 dlwsi is swept three ways: over its fixed rungs (``--quality Q``); over ``--target-ssim
 S`` (``dlwsi-target``: the slide's rung chosen from a level-0 sample, the converter's
-default mode since the he-mshl-v3 release, so its points are fixed rungs); and over per-chunk rate
+default mode since he-mshl-v3, so its points are fixed rungs); and over per-chunk rate
 control (``dlwsi-rc``: ``--chunk-ssim S``, each chunk's rung up to the model's default,
-the default of the decoder-side tuning and the JPEG-recompression run).
+the converter's default before he-mshl-v3).
 
     python benchmarks/slides_rd.py --json docs/results/slides_rd.json
     python benchmarks/slides_rd.py --slides aperio/CMU-1-Small-Region.svs --curves jpegxl dlwsi
@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rd import bd_rate  # noqa: E402
+from report import percent, provenance, publish, table  # noqa: E402
 from slides import SLIDES, cli, run_measured  # noqa: E402
 
 #: curve name -> (converter arguments for each point)
@@ -46,7 +47,7 @@ SWEEPS: dict[str, list[list[str]]] = {
     "jpeg": [["--codec", "jpeg", "--quality", q] for q in ("50", "65", "80", "90", "95")],
     "jpegxl": [["--codec", "jpegxl", "--quality", q] for q in ("40", "55", "70", "80", "90")],
     "avif": [["--codec", "avif", "--quality", q] for q in ("30", "45", "60", "70", "80")],
-    # he-mshl-v3's ladder (13 rungs; v2's 7 were swept as 3-7 until the he-mshl-v3 release)
+    # he-mshl-v3's ladder (13 rungs; v2's 7 were swept as 3-7)
     "dlwsi": [["--codec", "dlwsi", "--quality", q] for q in ("5", "7", "9", "11", "13")],
     "dlwsi-target": [["--codec", "dlwsi", "--target-ssim", s]
                      for s in ("0.92", "0.93", "0.94", "0.95", "0.96")],
@@ -99,33 +100,45 @@ def sweep(slides: list[str], curves: list[str], workers: int | None, workdir: Pa
     return results
 
 
-def report(results: dict[str, dict[str, list[dict]]]) -> str:
-    lines = []
-    for rel, curves in results.items():
-        lines.append(f"{Path(rel).name}")
-        lines.append(f"  {'curve':<9} {'setting':<18} {'MiB':>7} {'vs source':>9} "
-                     f"{'SSIM tis.':>9} {'PSNR tis.':>9}")
-        for curve, points in curves.items():
-            for p in points:
-                lines.append(f"  {curve:<9} {p['setting']:<18} {p['stored_bytes'] / 2**20:>7.3f} "
-                             f"{1 - p['stored_bytes'] / p['source_bytes']:>+9.0%} "
-                             f"{p['ssim']:>9.4f} {p['psnr']:>9.2f}")
-        lines.append("  BD-rate of store bytes (negative = smaller at equal quality), "
-                     "SSIM / PSNR:")
-        for curve, points in curves.items():
-            cells = []
-            suffix = curve[curve.index("/"):] if "/" in curve else ""
-            for ref in (r + suffix for r in REFERENCES):
-                if ref == curve or ref not in curves:
-                    continue
-                by = [bd_rate(points, curves[ref], metric) for metric in ("ssim", "psnr")]
-                cells.append(f"vs {ref} " + " / ".join("n/a" if v is None else f"{v:+.1f}%"
-                                                        for v in by))
-            lines.append(f"  {curve:<9} " + ", ".join(cells))
-        lines.append("")
-    lines.append("n/a: the two curves share no quality range. SSIM/PSNR: level 0, tissue "
-                 "pixels, vs the source (ngff-convert verify).")
-    return "\n".join(lines)
+def title(results: dict) -> str:
+    return "Whole slides at matched quality: store bytes against level-0 tissue quality"
+
+
+def _bd_rows(curves: dict[str, list[dict]], refs: list[str]) -> list[list[str]]:
+    rows = []
+    for curve, points in curves.items():
+        suffix = curve[curve.index("/"):] if "/" in curve else ""
+        cells = []
+        for ref in (r + suffix for r in refs):
+            if ref == curve:
+                cells.append("0")
+            elif ref not in curves:
+                cells.append("")
+            else:
+                cells.append(" / ".join(percent(bd_rate(points, curves[ref], metric))
+                                        for metric in ("ssim", "psnr")))
+        rows.append([curve, *cells])
+    return rows
+
+
+def render(results: dict) -> str:
+    """The page body: per slide, BD-rates of the store's bytes and every point."""
+    out = ["Each codec's setting swept through `ngff-convert` (glass filled), each store "
+           "checked by `ngff-convert verify`: the whole store's bytes against level-0 tissue "
+           "SSIM and PSNR. BD-rate as in `rd.py` (SSIM in dB), negative = fewer bytes at equal "
+           "quality; n/a: the curves share no quality range. Curves named `/off` ran with the "
+           "JPEG lattice filter off and are compared with references without it."]
+    for rel, curves in results["slides"].items():
+        refs = [r for r in REFERENCES if r in {name.split("/")[0] for name in curves}]
+        out += ["", f"## {Path(rel).name}", "",
+                table(["curve", *(f"vs {r} (SSIM / PSNR)" for r in refs)],
+                      _bd_rows(curves, refs)),
+                "", table(["curve", "setting", "stored MiB", "of the source", "SSIM", "PSNR dB"],
+                          [[curve, p["setting"], f"{p['stored_bytes'] / 2**20:.3f}",
+                            f"{p['stored_bytes'] / p['source_bytes']:.1%}",
+                            f"{p['ssim']:.4f}", f"{p['psnr']:.2f}"]
+                           for curve, points in curves.items() for p in points])]
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -146,7 +159,8 @@ def main() -> None:
     args = p.parse_args()
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
-    earlier = json.loads(args.baselines_from.read_text()) if args.baselines_from else {}
+    earlier = (json.loads(args.baselines_from.read_text())["slides"] if args.baselines_from
+               else {})
     if missing := [rel for rel in args.slides if earlier and rel not in earlier]:
         sys.exit(f"{args.baselines_from} has no curves for {', '.join(missing)}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,9 +172,10 @@ def main() -> None:
         # dlwsi curve came from another model and would read as this one's
         results[rel] = {**{name: points for name, points in earlier.get(rel, {}).items()
                            if name in REFERENCES and name not in curves}, **curves}
-    print(report(results))
+    results = {**provenance("slides_rd"), "slides": results}
+    print(render(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ one), decoded by the same decoder as the plain rows.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from report import provenance, publish, table
 
 try:
     import imagecodecs
@@ -706,6 +706,74 @@ def print_report(device: dict, sources: list[dict], dlwsi: list[dict], baselines
                   f"   decode {r['decode']:>7.3f}x")
 
 
+def title(results: dict) -> str:
+    return f"Encode and decode speed, {TILE}x{TILE} RGB chunks"
+
+
+def _per_tile_ms(row: dict, phase: str, tiles: int) -> str:
+    return f"{1e3 * row['seconds'][phase] / tiles:.1f}"
+
+
+def render(results: dict) -> str:
+    """The page body: the run's conditions, every codec's speed and size, dlwsi's stages,
+    the decoder's work per pixel and the region read through zarr."""
+    device, settings = results["device"], results["settings"]
+    tiles = len(results["tiles"])
+    files = len({t["file"] for t in results["tiles"]})
+    dlwsi = [*results["dlwsi"], *results.get("dlwsi_rate_control", [])]
+    jxl = next((b for b in results["baselines"] if b["codec"].startswith("JPEG-XL")), None)
+    environment = ", ".join(f"{key}={device[key]}" for key in
+                            ("DLWSI_PROVIDER", "DLWSI_THREADS", "DLWSI_BLAS_THREADS")
+                            if key in device)
+    out = [
+        f"{tiles} tiles of {TILE}x{TILE} RGB from {files} held-out H&E image(s), every codec "
+        f"on the same tiles in one run, the {settings['stat']} of {settings['repeat']} "
+        f"timed run(s); dlwsi codes {settings['batch']} chunk(s) per call (1: as Zarr hands "
+        f"them over). {device['cpu']}, {device['usable_cpus']} usable CPUs; onnxruntime "
+        f"{device['onnxruntime']} ({', '.join(device['providers_used']['synthesis'])}), "
+        f"imagecodecs {device['imagecodecs']}; {environment}. MP/s are megapixels per "
+        "second of wall time; bpp counts every byte of each chunk.", "",
+        table(["codec", "encode MP/s", "decode MP/s", "bpp", "PSNR dB", "decode vs JPEG-XL"],
+              [[row["codec"] + (f" (`{row['model']}`)" if "model" in row else ""),
+                f"{row['encode_mps']:.2f}", f"{row['decode_mps']:.2f}", f"{row['bpp']:.3f}",
+                _fmt(row["psnr_db"]),
+                f"{row['decode_mps'] / jxl['decode_mps']:.3f}x" if jxl else ""]
+               for row in [*dlwsi, *results["baselines"]]])]
+    for row in results["dlwsi"]:
+        s = row["seconds"]
+        stages = [(phase, stage) for phase, names in (("encode", ENCODE_STAGES),
+                                                       ("decode", DECODE_STAGES))
+                  for stage in names if f"{phase}.{stage}" in s]
+        if not stages:
+            continue
+        out += ["", f"## Where {row['codec']}'s time goes", "",
+                f"Milliseconds per tile, each stage timed on its own (end to end: encode "
+                f"{_per_tile_ms(row, 'encode', tiles)}, decode "
+                f"{_per_tile_ms(row, 'decode', tiles)}).", "",
+                table(["stage", "ms per tile", "what it is"],
+                      [[f"{phase}: {stage}", _per_tile_ms(row, f"{phase}.{stage}", tiles),
+                        STAGE_HELP[stage]] for phase, stage in stages])]
+        flops = row.get("decoder_kflop_per_pixel")
+        if flops:
+            out += ["", f"Decoder work: synthesis {flops['synthesis']:.1f} kFLOP per output "
+                        f"pixel, integer hyper-synthesis {flops['hyper_synthesis']:.2f}."]
+    for row in results.get("dlwsi_rate_control", []):
+        if row.get("target_ssim") is not None:
+            out += ["", f"{row['codec']}: rungs chosen (rung: tiles) {row['rungs']}."]
+        if row.get("refine"):
+            out += ["", f"{row['codec']}: refinement ran on {row['refine_device']}."]
+    region = results.get("zarr_region") or []
+    if region:
+        reference = next((r for r in region if r["codec"].startswith("JPEG-XL")), region[0])
+        out += ["", "## A 2048x2048 region read through zarr", "",
+                "A 4x4 mosaic of the tiles stored as one sharded array per codec, read whole "
+                "with `zarr.open(...)[:]` (Zarr's own chunk concurrency).", "",
+                table(["codec", "read MP/s", "PSNR dB", "vs JPEG-XL"],
+                      [[r["codec"], f"{r['read_mps']:.2f}", _fmt(r["psnr_db"]),
+                        f"{r['read_mps'] / reference['read_mps']:.3f}x"] for r in region])]
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = args.data or default_data_root()
@@ -776,12 +844,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['read_mps'] / reference:>18.3f}x")
 
     if args.json:
-        report = {
-            "benchmark": "dlwsi speed, 512x512 RGB chunks",
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        results = {
+            **provenance("speed", argv),
             "settings": {k: (str(v) if isinstance(v, Path) else v)
                          for k, v in vars(args).items()},
-            "data_root": str(root),
             "device": device,
             "tiles": sources,
             "megapixels": sum(t.shape[1] * t.shape[2] for t in tiles) / 1e6,
@@ -792,9 +858,7 @@ def main(argv: list[str] | None = None) -> int:
             "ratios": ratios,
             "zarr_region": region,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"\nwrote {args.json}", file=sys.stderr)
+        print(f"\nwrote {publish(args.json, results)}", file=sys.stderr)
     return 0
 
 

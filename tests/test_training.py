@@ -215,7 +215,7 @@ def test_widening_the_transforms_keeps_what_the_narrow_model_computes():
 
 
 def test_lower_bounds_are_architecture_constants_not_checkpoint_values():
-    """A float16 copy rounds the 1e-9 likelihood bounds to 0 (the he-mshl-v2 GPU run's GPU payload);
+    """A float16 copy rounds the 1e-9 likelihood bounds to 0 (as the first GPU payload did);
     loading must restore them, or a likelihood can reach 0 and the loss infinity."""
     from numcodecs_dlwsi.network.model import LiteMeanScaleHyperprior
     from numcodecs_dlwsi.train.train import with_constant_bounds

@@ -20,7 +20,7 @@ best curve; the best per-chunk choice (equal slope, even with verify's own mask)
 equal level-0 tissue SSIM. A rung per pyramid level, each chosen for the target, was
 tried too: lower levels hold denser detail and most reach no rung's 0.95, so they went
 to the top rung and cost 5-7 BD-rate points at level 0's quality for +0.03 SSIM where
-they are viewed zoomed out (docs/results/benchmarks.md, "Choosing the quality"). The per-chunk
+they are viewed zoomed out (docs/results/slides_rd_per_level.md). The per-chunk
 floor stays available for dlwsi as ``--chunk-ssim``.
 """
 

@@ -4,8 +4,8 @@ The integer hyper-synthesis and the JPEG lattice filter do their exact integer a
 as float64 BLAS products of small matrices. With OpenBLAS's default thread pool, each
 product wakes worker threads that then busy-wait between calls, and a decoding chunk
 loses more to them than the products take: on a 2-core CPU a 512² chunk decodes 2.3x
-faster with BLAS held to one thread (docs/results/benchmarks.md, "Speed"). The results are the
-same bit for bit (every sum is exact, whatever the blocking).
+faster with BLAS held to one thread (docs/results/speed.md against speed_all_cores.md).
+The results are the same bit for bit (every sum is exact, whatever the blocking).
 
 The limit holds only while at least one of the codec's calls runs: it is taken by the
 first call in and given back by the last one out, so concurrent decodes share it and the

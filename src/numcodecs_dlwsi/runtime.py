@@ -6,7 +6,7 @@ here (CUDA when onnxruntime-gpu sees a GPU, else CPU) and can be forced with
 
 One intra-op thread is the default: Zarr decodes (and the converter encodes) chunks in
 parallel threads, one core each, which is faster than every call spreading over every
-core (and one chunk alone decodes no slower on a 2-core CPU; docs/results/benchmarks.md, "Speed").
+core (and one chunk alone decodes no slower on a 2-core CPU; docs/results/speed.md).
 ``DLWSI_THREADS=0`` gives onnxruntime's own default, all cores per call.
 """
 

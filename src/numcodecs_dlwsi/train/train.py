@@ -95,8 +95,9 @@ def with_constant_bounds(state: dict[str, torch.Tensor], model: torch.nn.Module
 
     They are constants of the architecture (likelihood bound 1e-9, scale bound 0.11, GDN
     reparametrization bounds), not learned, but they travel in state dicts; a float16
-    copy (the GPU payload's init, before the he-mshl-v2 GPU run's fix) turned the 1e-9 likelihood
-    bounds into 0, which lets a likelihood reach 0 and the loss infinity.
+    copy (a GPU payload's init, before float16 copies kept small tensors in float32)
+    turned the 1e-9 likelihood bounds into 0, which lets a likelihood reach 0 and the
+    loss infinity.
     """
     own = model.state_dict()
     return {name: own[name].clone() if name.endswith("bound") and name in own else value
