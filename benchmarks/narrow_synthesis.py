@@ -26,6 +26,7 @@ import argparse
 import io
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from numcodecs_dlwsi.train.data import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rd import bd_rate, ssim  # noqa: E402  (the rate-distortion benchmark's own measures)
-from report import percent, provenance, publish, table  # noqa: E402
+from report import finish, percent, provenance, table  # noqa: E402
 
 SIDE = 512  # decoding time is measured on chunks of this side
 
@@ -95,6 +96,44 @@ def cached_latents(tiles: np.ndarray, qualities: list[int], model: str
         latents += [item.y_hat for item in decode_latents(chunks)]
         targets += list(tiles)
     return np.stack(latents).astype(np.float32), np.stack(targets), bpp
+
+
+def cached_split(model: str, qualities: list[int], crops: int, per_image: int, seed: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, float]]:
+    """(training latents, their crops, held-out tiles, their latents, bpp per rung):
+    ``crops`` training-side 256² crops and the ``rd.py`` held-out tiles, each coded at
+    every rung of ``qualities`` and entropy-decoded as the codec decodes them."""
+    root = default_data_root()
+    print(f"caching latents of {crops} training-side crops and the held-out tiles at rungs "
+          f"{qualities} ...", file=sys.stderr)
+    sample = CropSampler(load_training_images(root, with_slides=False), 256, seed=seed).batch(
+        crops)
+    train_y, train_x, _ = cached_latents(sample, qualities, model)
+    held_out = validation_tiles(root, size=256, per_image=per_image)
+    test_y, _, bpp = cached_latents(held_out, qualities, model)
+    return train_y, train_x, held_out, test_y, bpp
+
+
+def train_on_latents(g_s: nn.Module, parameters: Iterable[nn.Parameter], latents: np.ndarray,
+                     targets: np.ndarray, minutes: float, batch: int, lr: float,
+                     ssim_weight: float) -> list[float]:
+    """Train a synthesis on cached latents for ``minutes`` with the model's own distortion
+    (no encoder pass per step); the loss of every step."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    rng = np.random.default_rng(0)
+    deadline, losses = time.monotonic() + 60 * minutes, []
+    while time.monotonic() < deadline:
+        pick = rng.integers(0, len(latents), batch)
+        target = torch.from_numpy(targets[pick]).float() / 255.0
+        x_hat = g_s(torch.from_numpy(latents[pick])).clamp(0.0, 1.0)
+        mse = ((x_hat - target) ** 2).mean(dim=(1, 2, 3))
+        similarity = torch_ssim(x_hat, target, data_range=1.0, size_average=False)
+        loss = distortion(mse, similarity, ssim_weight).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
 
 
 def onnx_session(g_s: nn.Module, channels: int) -> ort.InferenceSession:
@@ -201,39 +240,18 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     qualities = [int(q) for q in args.rungs.split(",")]
-    root = default_data_root()
     release = resolve(args.model, qualities[-1])
     meta = load(release).meta
     channels = int(meta["M"])
-
-    print(f"caching latents of {args.crops} training-side crops at rungs {qualities} ...",
-          file=sys.stderr)
-    crops = CropSampler(load_training_images(root, with_slides=False), 256, seed=1).batch(
-        args.crops)
-    train_y, train_x, _ = cached_latents(crops, qualities, args.model)
-    held_out = validation_tiles(root, size=256, per_image=args.per_image)
-    test_y, _, bpp = cached_latents(held_out, qualities, args.model)
+    train_y, train_x, held_out, test_y, bpp = cached_split(args.model, qualities, args.crops,
+                                                           args.per_image, seed=1)
 
     released = network_from_release(release).g_s.eval()
     narrow = narrow_synthesis(released, widths)
-    optimizer = torch.optim.Adam(narrow.parameters(), lr=args.lr)
-    rng = np.random.default_rng(0)
-    ssim_weight = float(meta.get("ssim_weight", 0.0))
-    deadline, steps, losses = time.monotonic() + 60 * args.minutes, 0, []
     print(f"training g_s {widths} for {args.minutes:g} minutes ...", file=sys.stderr)
-    while time.monotonic() < deadline:
-        pick = rng.integers(0, len(train_y), args.batch)
-        y_hat = torch.from_numpy(train_y[pick])
-        target = torch.from_numpy(train_x[pick]).float() / 255.0
-        x_hat = narrow(y_hat).clamp(0.0, 1.0)
-        mse = ((x_hat - target) ** 2).mean(dim=(1, 2, 3))
-        similarity = torch_ssim(x_hat, target, data_range=1.0, size_average=False)
-        loss = distortion(mse, similarity, ssim_weight).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        steps += 1
-        losses.append(float(loss.detach()))
+    losses = train_on_latents(narrow, narrow.parameters(), train_y, train_x, args.minutes,
+                              args.batch, args.lr, float(meta.get("ssim_weight", 0.0)))
+    steps = len(losses)
     narrow.eval()
 
     sessions = {"released": onnx_session(released, channels),
@@ -255,9 +273,7 @@ def main() -> int:
                "settings": {k: str(v) for k, v in vars(args).items()},
                "training_steps": steps, "loss_first_last": [losses[:20], losses[-20:]],
                "held_out_tiles": len(held_out), "rows": rows}
-    print(render(results))
-    if args.json:
-        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
+    finish(results, args.json, render)
     return 0
 
 

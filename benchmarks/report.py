@@ -122,6 +122,13 @@ def publish(json_path: Path, results: dict) -> Path:
     return page
 
 
+def finish(results: dict, json_path: Path | None, render: Callable[[dict], str]) -> None:
+    """Print a run's page body; with ``json_path``, write the JSON and its page too."""
+    print(render(results))
+    if json_path:
+        print(f"wrote {publish(json_path, results)}", file=sys.stderr)
+
+
 def pages(paths: list[Path]) -> Iterable[tuple[Path, str]]:
     """(page path, rendered text) for each JSON that names its benchmark."""
     for path in paths:

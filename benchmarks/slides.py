@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from report import provenance, publish, table
+from report import finish, provenance, table
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -188,9 +188,7 @@ def main() -> None:
         rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
                      args.target_ssim, tuple(args.jpeg_lattice), args.refine)
     results = {**provenance("slides"), "target_ssim": args.target_ssim, "rows": rows}
-    print(render(results))
-    if args.json:
-        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
+    finish(results, args.json, render)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rd import bd_rate  # noqa: E402
-from report import percent, provenance, publish, table  # noqa: E402
+from report import finish, percent, provenance, table  # noqa: E402
 from slides import SLIDES, cli, run_measured  # noqa: E402
 
 #: curve name -> (converter arguments for each point)
@@ -173,9 +173,7 @@ def main() -> None:
         results[rel] = {**{name: points for name, points in earlier.get(rel, {}).items()
                            if name in REFERENCES and name not in curves}, **curves}
     results = {**provenance("slides_rd"), "slides": results}
-    print(render(results))
-    if args.json:
-        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
+    finish(results, args.json, render)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from report import provenance, publish, table
+from report import finish, provenance, table
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -152,9 +152,7 @@ def main() -> int:
                 row[way] = convert(slide, Path(tmp) / f"{len(rows)}-{way}.zarr", extra)
             rows.append(row)
     results = {**provenance("zero_loss"), "rows": rows}
-    print(render(results))
-    if args.json:
-        print(f"wrote {publish(args.json, results)}", file=sys.stderr)
+    finish(results, args.json, render)
     return 0
 
 

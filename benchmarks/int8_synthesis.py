@@ -1,0 +1,373 @@
+"""An int8 synthesis transform: what integer inference buys in decoding speed, and costs.
+
+Decoding is two thirds synthesis (four 5x5 stride-2 transposed convolutions with inverse
+GDN). onnxruntime's CPU provider has int8 kernels for Conv (``QLinearConv``, with VNNI
+where the CPU has it) but none for ConvTranspose, so each transposed convolution is first
+rewritten exactly as a 3x3 convolution with four times the output channels followed by a
+pixel shuffle (the sub-pixel form: output phase (a, b) of a stride-2 5x5 transposed
+convolution sees a 3x3 neighbourhood of the input). Then the graph is quantized
+statically (onnxruntime.quantization, QDQ, int8 weights per channel, uint8 activations):
+every tensor, or only the convolutions after the first on fixed activation grids, and
+the latter again after quantization-aware fine-tuning on cached latents (the bits do not
+change; no encoder pass per step).
+
+The released g_s and each variant decode the *same* latents (the held-out tiles coded
+once per rung, as ``narrow_synthesis.py`` does): reported are milliseconds per 512²
+chunk on one onnxruntime thread, PSNR and SSIM per rung, and the BD-rate against the
+released decoder at the same bits. Pixels change, so a decoder built on this would be a
+new model id.
+
+    python benchmarks/int8_synthesis.py --json docs/results/int8_synthesis.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
+
+from numcodecs_dlwsi.model_store import load, resolve
+from numcodecs_dlwsi.network.release import network_from_release
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from narrow_synthesis import SIDE, cached_split, curve, train_on_latents  # noqa: E402
+from rd import bd_rate  # noqa: E402
+from report import finish, percent, provenance, table  # noqa: E402
+
+RELEASED = "released (float, ConvTranspose)"
+#: for each output phase of a stride-2, pad-2, 5x5 transposed convolution: which kernel
+#: row (column) multiplies the input at offset t - 1 (t = 0, 1, 2) from the output's
+#: source position
+PHASE_TAPS = ({0: 4, 1: 2, 2: 0}, {1: 3, 2: 1})
+
+
+def sub_pixel(layer: nn.ConvTranspose2d) -> nn.Sequential:
+    """The same map as ``layer`` (5x5, stride 2, padding 2, output padding 1) as a 3x3
+    convolution to 4x the channels and a pixel shuffle: exact up to float rounding."""
+    weight = layer.weight.detach()  # (in, out, 5, 5)
+    cin, cout = weight.shape[:2]
+    kernel = torch.zeros(cout, 2, 2, cin, 3, 3)
+    for a, rows in enumerate(PHASE_TAPS):
+        for b, columns in enumerate(PHASE_TAPS):
+            for t, row in rows.items():
+                for u, column in columns.items():
+                    kernel[:, a, b, :, t, u] = weight[:, :, row, column].T
+    conv = nn.Conv2d(cin, 4 * cout, 3, padding=1)
+    with torch.no_grad():
+        # PixelShuffle reads channel c*4 + a*2 + b into output (c, 2i + a, 2j + b)
+        conv.weight.copy_(kernel.reshape(4 * cout, cin, 3, 3))
+        conv.bias.copy_(layer.bias.detach().repeat_interleave(4))
+    return nn.Sequential(conv, nn.PixelShuffle(2))
+
+
+def sub_pixel_synthesis(g_s: nn.Sequential) -> nn.Sequential:
+    return nn.Sequential(*(sub_pixel(m) if isinstance(m, nn.ConvTranspose2d) else m
+                           for m in g_s))
+
+
+class Pixels(nn.Module):
+    """g_s with the codec's output scaling: pixel values 0-255."""
+
+    def __init__(self, g_s: nn.Module) -> None:
+        super().__init__()
+        self.g_s = g_s
+
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        return (self.g_s(y_hat) * 255.0).clamp(0.0, 255.0)
+
+
+def export(g_s: nn.Module, channels: int, path: Path) -> Path:
+    example = torch.zeros(1, channels, SIDE // 16, SIDE // 16)
+    torch.onnx.export(Pixels(g_s).eval(), (example,), str(path), input_names=["y_hat"],
+                      output_names=["x_hat"], dynamic_axes={"y_hat": {0: "b", 2: "h", 3: "w"}},
+                      opset_version=17, dynamo=False)
+    return path
+
+
+class Latents(CalibrationDataReader):
+    def __init__(self, latents: np.ndarray) -> None:
+        self.items = iter(latents[i:i + 1] for i in range(len(latents)))
+
+    def get_next(self) -> dict | None:
+        item = next(self.items, None)
+        return None if item is None else {"y_hat": item}
+
+
+def quantize(float_model: Path, out: Path, latents: np.ndarray, only_sub_pixel: bool,
+             method: CalibrationMethod) -> Path:
+    prepared = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared)).graph
+    initializers = {init.name: init for init in graph.initializer}
+    exclude = []
+    if only_sub_pixel:  # the inverse GDN's 1x1 convolutions stay in float
+        exclude = [node.name for node in graph.node if node.op_type == "Conv"
+                   and list(initializers[node.input[1]].dims[2:]) == [1, 1]]
+    quantize_static(str(prepared), str(out), Latents(latents), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=method,
+                    nodes_to_exclude=exclude,
+                    op_types_to_quantize=["Conv"] if only_sub_pixel else None)
+    return out
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def decode_ms(run: ort.InferenceSession, channels: int, repeat: int) -> float:
+    y_hat = np.random.default_rng(0).normal(
+        size=(1, channels, SIDE // 16, SIDE // 16)).astype(np.float32)
+    run.run(None, {"y_hat": y_hat})
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run.run(None, {"y_hat": y_hat})
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+#: the activations onnxruntime quantizes when only the sub-pixel convolutions after the
+#: first are int8: each one's input (the inverse GDN's output) and output
+def activation_points() -> list[str]:
+    return [name for k in (1, 2, 3) for name in (
+        f"/g_s/g_s.{2 * k - 1}/Mul_output_0", f"/g_s/g_s.{2 * k}/g_s.{2 * k}.0/Conv_output_0")]
+
+
+def uint8_grid(low: float, high: float) -> tuple[float, int]:
+    """(scale, zero point) of onnxruntime's asymmetric uint8 quantization of [low, high]
+    (widened to hold 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = max(high - low, 1e-8) / 255.0
+    return scale, int(np.clip(np.rint(-low / scale), 0, 255))
+
+
+class QuantizationAware(nn.Module):
+    """The sub-pixel g_s as onnxruntime runs it with int8 convolutions after the first:
+    int8 weights per output channel, uint8 activations on fixed grids (fake-quantized,
+    straight-through gradients), the first convolution and the inverse GDN in float."""
+
+    def __init__(self, sub: nn.Sequential, grids: dict[str, tuple[float, int]]) -> None:
+        super().__init__()
+        self.sub = sub
+        self.grids = grids
+
+    def _activation(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        scale, zero_point = self.grids[name]
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+
+    @staticmethod
+    def _weight(w: torch.Tensor) -> torch.Tensor:
+        scale = w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127.0
+        return torch.fake_quantize_per_channel_affine(
+            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
+
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        x = self.sub[1](self.sub[0](y_hat))
+        points = iter(activation_points())
+        for k in (1, 2, 3):
+            conv, shuffle = self.sub[2 * k]
+            x = self._activation(x, next(points))
+            x = nn.functional.conv2d(x, self._weight(conv.weight), conv.bias, padding=1)
+            x = shuffle(self._activation(x, next(points)))
+            if k < 3:
+                x = self.sub[2 * k + 1](x)
+        return x
+
+
+def calibrate_grids(sub: nn.Sequential, latents: np.ndarray, percentile: float = 99.999
+                    ) -> dict[str, tuple[float, int]]:
+    """uint8 grids of the quantized activations from the float sub-pixel g_s on
+    ``latents``: the central ``percentile`` of each tensor's values."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in activation_points()}
+    names = iter(activation_points())
+    hooks = []
+
+    def record(inputs: str, outputs: str) -> object:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            seen[inputs].append(args[0].detach().flatten())
+            seen[outputs].append(out.detach().flatten())
+        return hook
+
+    for k in (1, 2, 3):
+        hooks.append(sub[2 * k][0].register_forward_hook(record(next(names), next(names))))
+    with torch.no_grad():
+        for i in range(0, len(latents), 8):
+            sub(torch.from_numpy(latents[i:i + 8]))
+    for hook in hooks:
+        hook.remove()
+    grids = {}
+    rng = np.random.default_rng(0)
+    for name, parts in seen.items():
+        values = torch.cat(parts).numpy()
+        values = values[rng.integers(0, len(values), min(len(values), 4_000_000))]
+        grids[name] = uint8_grid(float(np.percentile(values, 100 - percentile)),
+                                 float(np.percentile(values, percentile)))
+    return grids
+
+
+def quantize_with_grids(float_model: Path, out: Path, latents: np.ndarray,
+                        grids: dict[str, tuple[float, int]]) -> Path:
+    """int8 sub-pixel convolutions after the first, on the given activation grids."""
+    prepared = out.with_suffix(".prep.onnx")
+    quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
+    graph = onnx.load(str(prepared)).graph
+    initializers = {init.name: init for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    exclude = [convs[0].name] + [node.name for node in convs
+                                 if list(initializers[node.input[1]].dims[2:]) == [1, 1]]
+    overrides = {name: [{"scale": np.array(scale, np.float32),
+                         "zero_point": np.array(zero_point, np.uint8)}]
+                 for name, (scale, zero_point) in grids.items()}
+    quantize_static(str(prepared), str(out), Latents(latents), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=exclude, op_types_to_quantize=["Conv"],
+                    extra_options={"TensorQuantOverrides": overrides})
+    return out
+
+
+def title(results: dict) -> str:
+    return "An int8 synthesis: integer inference against the released float decoder"
+
+
+def render(results: dict) -> str:
+    settings = results["settings"]
+    rows, released = [], results["rows"][RELEASED]
+    for name, row in results["rows"].items():
+        rates = row.get("bd_rate_vs_released")
+        rows.append([name, f"{row['decode_ms_512']:.1f}",
+                     f"{released['decode_ms_512'] / row['decode_ms_512']:.2f}x",
+                     *(f"{p['psnr']:.2f}, {p['ssim']:.4f}" for p in row["curve"]),
+                     f"{percent(rates['ssim'])} / {percent(rates['psnr'])}" if rates else "0"])
+    rungs = [f"q{p['setting']}" for p in released["curve"]]
+    return "\n".join([
+        f"The synthesis transform of `{settings['model']}` decoding the same latents: the "
+        f"{results['held_out_tiles']} held-out tiles coded once at each of rungs "
+        f"{settings['rungs']}. Sub-pixel: each transposed convolution rewritten exactly as a "
+        "3x3 convolution and a pixel shuffle (largest difference from the released decoder "
+        f"{results['sub_pixel_max_difference']:.2g} grey levels before rounding). int8: "
+        "onnxruntime static quantization (QDQ; int8 weights per output channel, uint8 "
+        "activations). *Everywhere*: every tensor, on ranges from onnxruntime's percentile "
+        "calibration. *After the first convolution*: the three sub-pixel convolutions after "
+        "the first, on activation grids holding the central 99.999% of their values over "
+        f"latents of {settings['crops']} training-side crops; the first convolution and the "
+        "inverse GDN stay in float. *Quantization-aware steps*: that synthesis fine-tuned "
+        "with the same quantization simulated (straight-through gradients; batches of "
+        f"{settings['batch']} cached latents, learning rate {settings['lr']}, the model's own "
+        "distortion), then quantized on the same grids. Milliseconds per 512² chunk on one "
+        f"onnxruntime thread, median of {settings['repeat']}; onnxruntime "
+        f"{results['onnxruntime']}, CPU flags: {results['cpu_flags']}. BD-rate against the "
+        "released decoder at the same bits.", "",
+        table(["synthesis", "ms per 512²", "speed vs released",
+               *(f"{r}: PSNR dB, SSIM" for r in rungs),
+               "BD-rate vs released (SSIM / PSNR)"], rows)])
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+                     if f in flags) or "no AVX2"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="he-mshl-v3")
+    p.add_argument("--rungs", default="3,7,11", help="rungs the tiles are coded at")
+    p.add_argument("--crops", type=int, default=128,
+                   help="training-side 256² crops: their latents calibrate the activations "
+                        "and fine-tune the synthesis")
+    p.add_argument("--per-image", type=int, default=4, help="held-out tiles per image")
+    p.add_argument("--minutes", type=float, default=20.0,
+                   help="quantization-aware fine-tuning time (0: none)")
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1, help="torch threads for fine-tuning")
+    p.add_argument("--repeat", type=int, default=9, help="timed runs per decoder")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    qualities = [int(q) for q in args.rungs.split(",")]
+    release = resolve(args.model, qualities[-1])
+    meta = load(release).meta
+    channels = int(meta["M"])
+    train_y, train_x, held_out, test_y, bpp = cached_split(args.model, qualities, args.crops,
+                                                           args.per_image, seed=2)
+
+    released = network_from_release(release).g_s.eval()
+    sub = sub_pixel_synthesis(released).eval()
+    with torch.no_grad():
+        probe = torch.from_numpy(test_y[:4])
+        difference = float((Pixels(released)(probe) - Pixels(sub)(probe)).abs().max())
+    grids = calibrate_grids(sub, train_y)
+    steps, losses = 0, []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        paths = {RELEASED: export(released, channels, folder / "released.onnx"),
+                 "sub-pixel (float)": export(sub, channels, folder / "sub.onnx")}
+        print("quantizing ...", file=sys.stderr)
+        paths["sub-pixel, int8 everywhere (onnxruntime's percentile calibration)"] = quantize(
+            paths["sub-pixel (float)"], folder / "int8_all.onnx", train_y[::4], False,
+            CalibrationMethod.Percentile)
+        paths["sub-pixel, int8 after the first convolution"] = quantize_with_grids(
+            paths["sub-pixel (float)"], folder / "int8.onnx", train_y[:8], grids)
+        if args.minutes > 0:
+            print(f"quantization-aware fine-tuning for {args.minutes:g} minutes ...",
+                  file=sys.stderr)
+            tuned = copy.deepcopy(sub).train()
+            losses = train_on_latents(QuantizationAware(tuned, grids), tuned.parameters(),
+                                      train_y, train_x, args.minutes, args.batch, args.lr,
+                                      float(meta.get("ssim_weight", 0.0)))
+            steps = len(losses)
+            name = (f"sub-pixel, int8 after the first convolution, {steps} quantization-aware "
+                    "steps")
+            paths[name] = quantize_with_grids(export(tuned.eval(), channels,
+                                                     folder / "tuned.onnx"),
+                                              folder / "int8_tuned.onnx", train_y[:8], grids)
+        rows = {}
+        for name, path in paths.items():
+            print(f"measuring {name} ...", file=sys.stderr)
+            run = session(path)
+            rows[name] = {"decode_ms_512": decode_ms(run, channels, args.repeat),
+                          "curve": curve(run, test_y, held_out, qualities, bpp)}
+    for name, row in rows.items():
+        if name != RELEASED:
+            row["bd_rate_vs_released"] = {m: bd_rate(row["curve"], rows[RELEASED]["curve"], m)
+                                          for m in ("ssim", "psnr")}
+    results = {**provenance("int8_synthesis"),
+               "settings": {k: str(v) for k, v in vars(args).items()},
+               "held_out_tiles": len(held_out), "sub_pixel_max_difference": difference,
+               "onnxruntime": ort.__version__, "cpu_flags": cpu_flags(),
+               "fine_tuning_steps": steps, "loss_first_last": [losses[:20], losses[-20:]],
+               "activation_grids": grids, "rows": rows}
+    finish(results, args.json, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
