@@ -167,20 +167,22 @@ class QuantizationAware(nn.Module):
     int8 weights per output channel, uint8 activations on fixed grids (fake-quantized,
     straight-through gradients), the first convolution and the inverse GDN in float."""
 
-    def __init__(self, sub: nn.Sequential, grids: dict[str, tuple[float, int]]) -> None:
+    def __init__(self, sub: nn.Sequential, grids: dict[str, tuple[float, int]],
+                 weight_max: int = 127) -> None:
         super().__init__()
         self.sub = sub
         self.grids = grids
+        self.weight_max = weight_max
 
     def _activation(self, x: torch.Tensor, name: str) -> torch.Tensor:
         scale, zero_point = self.grids[name]
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
 
-    @staticmethod
-    def _weight(w: torch.Tensor) -> torch.Tensor:
-        scale = w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / 127.0
+    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+        scale = w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / self.weight_max
         return torch.fake_quantize_per_channel_affine(
-            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -127, 127)
+            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -self.weight_max,
+            self.weight_max)
 
     def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
         x = self.sub[1](self.sub[0](y_hat))
@@ -227,8 +229,9 @@ def calibrate_grids(sub: nn.Sequential, latents: np.ndarray, percentile: float =
 
 
 def quantize_with_grids(float_model: Path, out: Path, latents: np.ndarray,
-                        grids: dict[str, tuple[float, int]]) -> Path:
-    """int8 sub-pixel convolutions after the first, on the given activation grids."""
+                        grids: dict[str, tuple[float, int]], reduced_weights: bool) -> Path:
+    """int8 sub-pixel convolutions after the first, on the given activation grids; with
+    ``reduced_weights``, weights in -64..64 (onnxruntime's reduce_range)."""
     prepared = out.with_suffix(".prep.onnx")
     quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
     graph = onnx.load(str(prepared)).graph
@@ -243,6 +246,7 @@ def quantize_with_grids(float_model: Path, out: Path, latents: np.ndarray,
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                     nodes_to_exclude=exclude, op_types_to_quantize=["Conv"],
+                    reduce_range=reduced_weights,
                     extra_options={"TensorQuantOverrides": overrides})
     return out
 
@@ -261,24 +265,29 @@ def render(results: dict) -> str:
                      *(f"{p['psnr']:.2f}, {p['ssim']:.4f}" for p in row["curve"]),
                      f"{percent(rates['ssim'])} / {percent(rates['psnr'])}" if rates else "0"])
     rungs = [f"q{p['setting']}" for p in released["curve"]]
+    weights = ("int8 weights per output channel"
+               + (" (in -64..64 after the first convolution)"
+                  if settings.get("reduced_weights") == "True" else ""))
+    description = " ".join([
+        f"The synthesis transform of `{settings['model']}` decoding the same latents: the",
+        f"{results['held_out_tiles']} held-out tiles coded once at each of rungs",
+        f"{settings['rungs']}. Sub-pixel: each transposed convolution rewritten exactly as a",
+        "3x3 convolution and a pixel shuffle (largest difference from the released decoder",
+        f"{results['sub_pixel_max_difference']:.2g} grey levels before rounding).",
+        f"int8: onnxruntime static quantization (QDQ; {weights}, uint8 activations).",
+        "*Everywhere*: every tensor, on ranges from onnxruntime's percentile calibration.",
+        "*After the first convolution*: the three sub-pixel convolutions after the first,",
+        "on activation grids holding the central 99.999% of their values over latents of",
+        f"{settings['crops']} training-side crops; the first convolution and the inverse GDN",
+        "stay in float. *Quantization-aware steps*: that synthesis fine-tuned with the same",
+        "quantization simulated (straight-through gradients; batches of",
+        f"{settings['batch']} cached latents, learning rate {settings['lr']}, the model's",
+        "own distortion), then quantized on the same grids. Milliseconds per 512² chunk on",
+        f"one onnxruntime thread, median of {settings['repeat']}; onnxruntime",
+        f"{results['onnxruntime']}, CPU flags: {results['cpu_flags']}. BD-rate against the",
+        "released decoder at the same bits."])
     return "\n".join([
-        f"The synthesis transform of `{settings['model']}` decoding the same latents: the "
-        f"{results['held_out_tiles']} held-out tiles coded once at each of rungs "
-        f"{settings['rungs']}. Sub-pixel: each transposed convolution rewritten exactly as a "
-        "3x3 convolution and a pixel shuffle (largest difference from the released decoder "
-        f"{results['sub_pixel_max_difference']:.2g} grey levels before rounding). int8: "
-        "onnxruntime static quantization (QDQ; int8 weights per output channel, uint8 "
-        "activations). *Everywhere*: every tensor, on ranges from onnxruntime's percentile "
-        "calibration. *After the first convolution*: the three sub-pixel convolutions after "
-        "the first, on activation grids holding the central 99.999% of their values over "
-        f"latents of {settings['crops']} training-side crops; the first convolution and the "
-        "inverse GDN stay in float. *Quantization-aware steps*: that synthesis fine-tuned "
-        "with the same quantization simulated (straight-through gradients; batches of "
-        f"{settings['batch']} cached latents, learning rate {settings['lr']}, the model's own "
-        "distortion), then quantized on the same grids. Milliseconds per 512² chunk on one "
-        f"onnxruntime thread, median of {settings['repeat']}; onnxruntime "
-        f"{results['onnxruntime']}, CPU flags: {results['cpu_flags']}. BD-rate against the "
-        "released decoder at the same bits.", "",
+        description, "",
         table(["synthesis", "ms per 512²", "speed vs released",
                *(f"{r}: PSNR dB, SSIM" for r in rungs),
                "BD-rate vs released (SSIM / PSNR)"], rows)])
@@ -308,10 +317,14 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads for fine-tuning")
     p.add_argument("--repeat", type=int, default=9, help="timed runs per decoder")
+    p.add_argument("--reduced-weights", action="store_true",
+                   help="weights in -64..64 (7 bits): x86 int8 kernels without VNNI then "
+                        "cannot saturate, so every x86 CPU computes the same pixels")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
+    weight_max = 64 if args.reduced_weights else 127
     qualities = [int(q) for q in args.rungs.split(",")]
     release = resolve(args.model, qualities[-1])
     meta = load(release).meta
@@ -335,12 +348,14 @@ def main() -> int:
             paths["sub-pixel (float)"], folder / "int8_all.onnx", train_y[::4], False,
             CalibrationMethod.Percentile)
         paths["sub-pixel, int8 after the first convolution"] = quantize_with_grids(
-            paths["sub-pixel (float)"], folder / "int8.onnx", train_y[:8], grids)
+            paths["sub-pixel (float)"], folder / "int8.onnx", train_y[:8], grids,
+            args.reduced_weights)
         if args.minutes > 0:
             print(f"quantization-aware fine-tuning for {args.minutes:g} minutes ...",
                   file=sys.stderr)
             tuned = copy.deepcopy(sub).train()
-            losses = train_on_latents(QuantizationAware(tuned, grids), tuned.parameters(),
+            losses = train_on_latents(QuantizationAware(tuned, grids, weight_max),
+                                      tuned.parameters(),
                                       train_y, train_x, args.minutes, args.batch, args.lr,
                                       float(meta.get("ssim_weight", 0.0)))
             steps = len(losses)
@@ -348,7 +363,8 @@ def main() -> int:
                     "steps")
             paths[name] = quantize_with_grids(export(tuned.eval(), channels,
                                                      folder / "tuned.onnx"),
-                                              folder / "int8_tuned.onnx", train_y[:8], grids)
+                                              folder / "int8_tuned.onnx", train_y[:8], grids,
+                                              args.reduced_weights)
         rows = {}
         for name, path in paths.items():
             print(f"measuring {name} ...", file=sys.stderr)
