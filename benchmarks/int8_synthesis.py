@@ -164,19 +164,41 @@ def uint8_grid(low: float, high: float) -> tuple[float, int]:
 
 class QuantizationAware(nn.Module):
     """The sub-pixel g_s as onnxruntime runs it with int8 convolutions after the first:
-    int8 weights per output channel, uint8 activations on fixed grids (fake-quantized,
-    straight-through gradients), the first convolution and the inverse GDN in float."""
+    int8 weights per output channel, uint8 activations on per-tensor grids (fake-quantized,
+    straight-through gradients; the grids fixed or learned), the first convolution and the
+    inverse GDN in float."""
 
     def __init__(self, sub: nn.Sequential, grids: dict[str, tuple[float, int]],
-                 weight_max: int = 127) -> None:
+                 weight_max: int = 127, learn_grids: bool = False) -> None:
         super().__init__()
         self.sub = sub
-        self.grids = grids
         self.weight_max = weight_max
+        self.learn_grids = learn_grids
+        # one (scale, zero point) pair per quantized activation, learnable as in LSQ
+        # (Esser et al. 2020) when asked
+        self.names = list(grids)
+        self.scales = nn.ParameterList(
+            [nn.Parameter(torch.tensor([grids[n][0]]), requires_grad=learn_grids)
+             for n in self.names])
+        self.zero_points = nn.ParameterList(
+            [nn.Parameter(torch.tensor([float(grids[n][1])]), requires_grad=learn_grids)
+             for n in self.names])
+
+    def grids(self) -> dict[str, tuple[float, int]]:
+        """The activation grids as they stand (learned, or as given)."""
+        return {name: (float(scale.detach().abs()), int(np.clip(np.rint(float(zero)), 0, 255)))
+                for name, scale, zero in zip(self.names, self.scales, self.zero_points,
+                                             strict=True)}
 
     def _activation(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        scale, zero_point = self.grids[name]
-        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255)
+        k = self.names.index(name)
+        scale, zero = self.scales[k], self.zero_points[k]
+        if self.learn_grids:
+            grad_factor = 1.0 / float(np.sqrt(x.numel() * 255))
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, scale.abs() + 1e-8, zero, 0, 255, grad_factor)
+        return torch.fake_quantize_per_tensor_affine(
+            x, float(scale.detach()), int(zero.detach()), 0, 255)
 
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
         scale = w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / self.weight_max
@@ -280,9 +302,13 @@ def render(results: dict) -> str:
         "on activation grids holding the central 99.999% of their values over latents of",
         f"{settings['crops']} training-side crops; the first convolution and the inverse GDN",
         "stay in float. *Quantization-aware steps*: that synthesis fine-tuned with the same",
-        "quantization simulated (straight-through gradients; batches of",
-        f"{settings['batch']} cached latents, learning rate {settings['lr']}, the model's",
-        "own distortion), then quantized on the same grids. Milliseconds per 512² chunk on",
+        "quantization simulated (straight-through gradients"
+        + ("; the grids learned too" if settings.get("learn_grids") == "True" else "")
+        + f"; batches of {settings['batch']} cached latents, learning rate {settings['lr']},",
+        "the model's own distortion against",
+        ("the released decoder's output" if settings.get("distill") == "True"
+         else "the original crops") + "), then quantized on",
+        "the same grids. Milliseconds per 512² chunk on",
         f"one onnxruntime thread, median of {settings['repeat']}; onnxruntime",
         f"{results['onnxruntime']}, CPU flags: {results['cpu_flags']}. BD-rate against the",
         "released decoder at the same bits."])
@@ -320,6 +346,11 @@ def main() -> int:
     p.add_argument("--reduced-weights", action="store_true",
                    help="weights in -64..64 (7 bits): x86 int8 kernels without VNNI then "
                         "cannot saturate, so every x86 CPU computes the same pixels")
+    p.add_argument("--learn-grids", action="store_true",
+                   help="learn the activation grids during fine-tuning (LSQ)")
+    p.add_argument("--distill", action="store_true",
+                   help="fine-tune towards the released decoder's output on the same latents "
+                        "instead of the original crops")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -354,17 +385,24 @@ def main() -> int:
             print(f"quantization-aware fine-tuning for {args.minutes:g} minutes ...",
                   file=sys.stderr)
             tuned = copy.deepcopy(sub).train()
-            losses = train_on_latents(QuantizationAware(tuned, grids, weight_max),
-                                      tuned.parameters(),
-                                      train_y, train_x, args.minutes, args.batch, args.lr,
+            aware = QuantizationAware(tuned, grids, weight_max, args.learn_grids)
+            targets = train_x
+            if args.distill:  # what the released decoder makes of each latent, 0-255
+                with torch.no_grad():
+                    targets = np.concatenate([
+                        Pixels(released)(torch.from_numpy(train_y[i:i + 16])).numpy()
+                        for i in range(0, len(train_y), 16)])
+            losses = train_on_latents(aware, aware.parameters(), train_y, targets,
+                                      args.minutes, args.batch, args.lr,
                                       float(meta.get("ssim_weight", 0.0)))
             steps = len(losses)
             name = (f"sub-pixel, int8 after the first convolution, {steps} quantization-aware "
                     "steps")
             paths[name] = quantize_with_grids(export(tuned.eval(), channels,
                                                      folder / "tuned.onnx"),
-                                              folder / "int8_tuned.onnx", train_y[:8], grids,
-                                              args.reduced_weights)
+                                              folder / "int8_tuned.onnx", train_y[:8],
+                                              aware.grids(), args.reduced_weights)
+            grids = aware.grids()
         rows = {}
         for name, path in paths.items():
             print(f"measuring {name} ...", file=sys.stderr)
