@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -338,7 +339,8 @@ def main() -> int:
                         "and fine-tune the synthesis")
     p.add_argument("--per-image", type=int, default=4, help="held-out tiles per image")
     p.add_argument("--minutes", type=float, default=20.0,
-                   help="quantization-aware fine-tuning time (0: none)")
+                   help="quantization-aware fine-tuning time (0: none, or with --init only "
+                        "measure the saved synthesis)")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="torch threads for fine-tuning")
@@ -351,6 +353,12 @@ def main() -> int:
     p.add_argument("--distill", action="store_true",
                    help="fine-tune towards the released decoder's output on the same latents "
                         "instead of the original crops")
+    p.add_argument("--init", type=Path, metavar="PT",
+                   help="continue fine-tuning from a --save of an earlier run (its weights "
+                        "and grids)")
+    p.add_argument("--save", type=Path, metavar="DIR",
+                   help="write the fine-tuned synthesis here: synthesis_qat.pt (weights and "
+                        "grids, for --init) and synthesis_int8.onnx (the quantized graph)")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -381,11 +389,17 @@ def main() -> int:
         paths["sub-pixel, int8 after the first convolution"] = quantize_with_grids(
             paths["sub-pixel (float)"], folder / "int8.onnx", train_y[:8], grids,
             args.reduced_weights)
-        if args.minutes > 0:
+        if args.minutes > 0 or args.init:
             print(f"quantization-aware fine-tuning for {args.minutes:g} minutes ...",
                   file=sys.stderr)
             tuned = copy.deepcopy(sub).train()
-            aware = QuantizationAware(tuned, grids, weight_max, args.learn_grids)
+            start_grids, earlier_steps = grids, 0
+            if args.init:
+                state = torch.load(args.init, map_location="cpu")
+                tuned.load_state_dict(state["synthesis"])
+                start_grids = {name: tuple(grid) for name, grid in state["grids"].items()}
+                earlier_steps = int(state["steps"])
+            aware = QuantizationAware(tuned, start_grids, weight_max, args.learn_grids)
             targets = train_x
             if args.distill:  # what the released decoder makes of each latent, 0-255
                 with torch.no_grad():
@@ -395,7 +409,7 @@ def main() -> int:
             losses = train_on_latents(aware, aware.parameters(), train_y, targets,
                                       args.minutes, args.batch, args.lr,
                                       float(meta.get("ssim_weight", 0.0)))
-            steps = len(losses)
+            steps = earlier_steps + len(losses)
             name = (f"sub-pixel, int8 after the first convolution, {steps} quantization-aware "
                     "steps")
             paths[name] = quantize_with_grids(export(tuned.eval(), channels,
@@ -403,6 +417,11 @@ def main() -> int:
                                               folder / "int8_tuned.onnx", train_y[:8],
                                               aware.grids(), args.reduced_weights)
             grids = aware.grids()
+            if args.save:
+                args.save.mkdir(parents=True, exist_ok=True)
+                torch.save({"synthesis": tuned.state_dict(), "grids": grids, "steps": steps},
+                           args.save / "synthesis_qat.pt")
+                shutil.copy(paths[name], args.save / "synthesis_int8.onnx")
         rows = {}
         for name, path in paths.items():
             print(f"measuring {name} ...", file=sys.stderr)

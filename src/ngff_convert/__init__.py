@@ -29,7 +29,7 @@ Modules, one concept each:
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 
 class ConvertError(Exception):
