@@ -27,7 +27,6 @@ import copy
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -44,11 +43,16 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from numcodecs_dlwsi.model_store import load, resolve
-from numcodecs_dlwsi.network.release import network_from_release
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from narrow_synthesis import SIDE, cached_split, curve, train_on_latents  # noqa: E402
+from narrow_synthesis import (  # noqa: E402
+    Pixels,
+    curve,
+    decode_ms,
+    export,
+    session,
+    setup,
+    train_on_latents,
+)
 from rd import bd_rate  # noqa: E402
 from report import finish, percent, provenance, table  # noqa: E402
 
@@ -83,25 +87,6 @@ def sub_pixel_synthesis(g_s: nn.Sequential) -> nn.Sequential:
                            for m in g_s))
 
 
-class Pixels(nn.Module):
-    """g_s with the codec's output scaling: pixel values 0-255."""
-
-    def __init__(self, g_s: nn.Module) -> None:
-        super().__init__()
-        self.g_s = g_s
-
-    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
-        return (self.g_s(y_hat) * 255.0).clamp(0.0, 255.0)
-
-
-def export(g_s: nn.Module, channels: int, path: Path) -> Path:
-    example = torch.zeros(1, channels, SIDE // 16, SIDE // 16)
-    torch.onnx.export(Pixels(g_s).eval(), (example,), str(path), input_names=["y_hat"],
-                      output_names=["x_hat"], dynamic_axes={"y_hat": {0: "b", 2: "h", 3: "w"}},
-                      opset_version=17, dynamo=False)
-    return path
-
-
 class Latents(CalibrationDataReader):
     def __init__(self, latents: np.ndarray) -> None:
         self.items = iter(latents[i:i + 1] for i in range(len(latents)))
@@ -111,41 +96,25 @@ class Latents(CalibrationDataReader):
         return None if item is None else {"y_hat": item}
 
 
-def quantize(float_model: Path, out: Path, latents: np.ndarray, only_sub_pixel: bool,
-             method: CalibrationMethod) -> Path:
+def _prepared(float_model: Path, out: Path
+              ) -> tuple[Path, list[tuple[onnx.NodeProto, bool]]]:
+    """The graph onnxruntime's quantizer wants (shapes inferred), and its convolutions in
+    order, each with whether it is an inverse GDN's (1x1)."""
     prepared = out.with_suffix(".prep.onnx")
     quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
     graph = onnx.load(str(prepared)).graph
-    initializers = {init.name: init for init in graph.initializer}
-    exclude = []
-    if only_sub_pixel:  # the inverse GDN's 1x1 convolutions stay in float
-        exclude = [node.name for node in graph.node if node.op_type == "Conv"
-                   and list(initializers[node.input[1]].dims[2:]) == [1, 1]]
+    kernels = {init.name: list(init.dims[2:]) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    return prepared, [(node, kernels[node.input[1]] == [1, 1]) for node in convs]
+
+
+def quantize_everywhere(float_model: Path, out: Path, latents: np.ndarray) -> Path:
+    """Every tensor int8, on ranges from onnxruntime's percentile calibration."""
+    prepared, _ = _prepared(float_model, out)
     quantize_static(str(prepared), str(out), Latents(latents), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=method,
-                    nodes_to_exclude=exclude,
-                    op_types_to_quantize=["Conv"] if only_sub_pixel else None)
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile)
     return out
-
-
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def decode_ms(run: ort.InferenceSession, channels: int, repeat: int) -> float:
-    y_hat = np.random.default_rng(0).normal(
-        size=(1, channels, SIDE // 16, SIDE // 16)).astype(np.float32)
-    run.run(None, {"y_hat": y_hat})
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run.run(None, {"y_hat": y_hat})
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 #: the activations onnxruntime quantizes when only the sub-pixel convolutions after the
@@ -255,13 +224,9 @@ def quantize_with_grids(float_model: Path, out: Path, latents: np.ndarray,
                         grids: dict[str, tuple[float, int]], reduced_weights: bool) -> Path:
     """int8 sub-pixel convolutions after the first, on the given activation grids; with
     ``reduced_weights``, weights in -64..64 (onnxruntime's reduce_range)."""
-    prepared = out.with_suffix(".prep.onnx")
-    quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
-    graph = onnx.load(str(prepared)).graph
-    initializers = {init.name: init for init in graph.initializer}
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    exclude = [convs[0].name] + [node.name for node in convs
-                                 if list(initializers[node.input[1]].dims[2:]) == [1, 1]]
+    prepared, convs = _prepared(float_model, out)
+    # the first convolution (its input is the latent itself) and the inverse GDN in float
+    exclude = [convs[0][0].name] + [node.name for node, is_gdn in convs if is_gdn]
     overrides = {name: [{"scale": np.array(scale, np.float32),
                          "zero_point": np.array(zero_point, np.uint8)}]
                  for name, (scale, zero_point) in grids.items()}
@@ -365,13 +330,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     weight_max = 64 if args.reduced_weights else 127
     qualities = [int(q) for q in args.rungs.split(",")]
-    release = resolve(args.model, qualities[-1])
-    meta = load(release).meta
-    channels = int(meta["M"])
-    train_y, train_x, held_out, test_y, bpp = cached_split(args.model, qualities, args.crops,
-                                                           args.per_image, seed=2)
-
-    released = network_from_release(release).g_s.eval()
+    run = setup(args.model, qualities, args.crops, args.per_image, seed=2)
+    meta, channels, released = run.meta, run.channels, run.released
+    train_y, train_x, held_out, test_y, bpp = (run.train_y, run.train_x, run.held_out,
+                                               run.test_y, run.bpp)
     sub = sub_pixel_synthesis(released).eval()
     with torch.no_grad():
         probe = torch.from_numpy(test_y[:4])
@@ -383,9 +345,9 @@ def main() -> int:
         paths = {RELEASED: export(released, channels, folder / "released.onnx"),
                  "sub-pixel (float)": export(sub, channels, folder / "sub.onnx")}
         print("quantizing ...", file=sys.stderr)
-        paths["sub-pixel, int8 everywhere (onnxruntime's percentile calibration)"] = quantize(
-            paths["sub-pixel (float)"], folder / "int8_all.onnx", train_y[::4], False,
-            CalibrationMethod.Percentile)
+        paths["sub-pixel, int8 everywhere (onnxruntime's percentile calibration)"] = (
+            quantize_everywhere(paths["sub-pixel (float)"], folder / "int8_all.onnx",
+                                train_y[::4]))
         paths["sub-pixel, int8 after the first convolution"] = quantize_with_grids(
             paths["sub-pixel (float)"], folder / "int8.onnx", train_y[:8], grids,
             args.reduced_weights)
@@ -425,9 +387,9 @@ def main() -> int:
         rows = {}
         for name, path in paths.items():
             print(f"measuring {name} ...", file=sys.stderr)
-            run = session(path)
-            rows[name] = {"decode_ms_512": decode_ms(run, channels, args.repeat),
-                          "curve": curve(run, test_y, held_out, qualities, bpp)}
+            decoder = session(path)
+            rows[name] = {"decode_ms_512": decode_ms(decoder, channels, args.repeat),
+                          "curve": curve(decoder, test_y, held_out, qualities, bpp)}
     for name, row in rows.items():
         if name != RELEASED:
             row["bd_rate_vs_released"] = {m: bd_rate(row["curve"], rows[RELEASED]["curve"], m)

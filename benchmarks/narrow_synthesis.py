@@ -27,6 +27,7 @@ import io
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -98,11 +99,26 @@ def cached_latents(tiles: np.ndarray, qualities: list[int], model: str
     return np.stack(latents).astype(np.float32), np.stack(targets), bpp
 
 
-def cached_split(model: str, qualities: list[int], crops: int, per_image: int, seed: int
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[int, float]]:
-    """(training latents, their crops, held-out tiles, their latents, bpp per rung):
-    ``crops`` training-side 256² crops and the ``rd.py`` held-out tiles, each coded at
-    every rung of ``qualities`` and entropy-decoded as the codec decodes them."""
+@dataclass
+class Setup:
+    """A released model's synthesis and the latents a benchmark trains and measures on."""
+
+    meta: dict
+    channels: int
+    released: nn.Sequential  # the released g_s, in eval mode
+    train_y: np.ndarray  # latents of training-side crops, and the crops
+    train_x: np.ndarray
+    held_out: np.ndarray  # the rd.py held-out tiles, their latents, bpp per rung
+    test_y: np.ndarray
+    bpp: dict[int, float]
+
+
+def setup(model: str, qualities: list[int], crops: int, per_image: int, seed: int) -> Setup:
+    """Load ``model``'s synthesis and cache, at every rung of ``qualities``, the latents
+    of ``crops`` training-side 256² crops and of the held-out tiles, entropy-decoded as the
+    codec decodes them."""
+    release = resolve(model, qualities[-1])
+    meta = load(release).meta
     root = default_data_root()
     print(f"caching latents of {crops} training-side crops and the held-out tiles at rungs "
           f"{qualities} ...", file=sys.stderr)
@@ -111,7 +127,8 @@ def cached_split(model: str, qualities: list[int], crops: int, per_image: int, s
     train_y, train_x, _ = cached_latents(sample, qualities, model)
     held_out = validation_tiles(root, size=256, per_image=per_image)
     test_y, _, bpp = cached_latents(held_out, qualities, model)
-    return train_y, train_x, held_out, test_y, bpp
+    return Setup(meta, int(meta["M"]), network_from_release(release).g_s.eval(), train_y,
+                 train_x, held_out, test_y, bpp)
 
 
 def train_on_latents(g_s: nn.Module, parameters: Iterable[nn.Parameter], latents: np.ndarray,
@@ -136,34 +153,48 @@ def train_on_latents(g_s: nn.Module, parameters: Iterable[nn.Parameter], latents
     return losses
 
 
-def onnx_session(g_s: nn.Module, channels: int) -> ort.InferenceSession:
-    class Pixels(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.g_s = g_s
+class Pixels(nn.Module):
+    """g_s with the codec's output scaling: pixel values 0-255, as the released graph."""
 
-        def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
-            return (self.g_s(y_hat) * 255.0).clamp(0.0, 255.0)
+    def __init__(self, g_s: nn.Module) -> None:
+        super().__init__()
+        self.g_s = g_s
 
-    buffer = io.BytesIO()
+    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
+        return (self.g_s(y_hat) * 255.0).clamp(0.0, 255.0)
+
+
+def export(g_s: nn.Module, channels: int, target: Path | io.BytesIO) -> Path | io.BytesIO:
+    """``g_s`` as an ONNX graph with the codec's input and output names."""
     example = torch.zeros(1, channels, SIDE // 16, SIDE // 16)
-    torch.onnx.export(Pixels().eval(), (example,), buffer, input_names=["y_hat"],
+    torch.onnx.export(Pixels(g_s).eval(), (example,), target, input_names=["y_hat"],
                       output_names=["x_hat"], dynamic_axes={"y_hat": {0: "b", 2: "h", 3: "w"}},
                       opset_version=17, dynamo=False)
+    return target
+
+
+def session(model: Path | bytes) -> ort.InferenceSession:
+    """An onnxruntime CPU session with one thread, as the codec decodes a chunk."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.log_severity_level = 3
-    return ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options,
+                                providers=["CPUExecutionProvider"])
 
 
-def decode_ms(session: ort.InferenceSession, channels: int, repeat: int = 7) -> float:
+def onnx_session(g_s: nn.Module, channels: int) -> ort.InferenceSession:
+    return session(export(g_s, channels, io.BytesIO()).getvalue())
+
+
+def decode_ms(run: ort.InferenceSession, channels: int, repeat: int = 7) -> float:
+    """Median milliseconds of one 512² chunk's synthesis."""
     y_hat = np.random.default_rng(0).normal(size=(1, channels, SIDE // 16, SIDE // 16)
                                             ).astype(np.float32)
-    session.run(None, {"y_hat": y_hat})
+    run.run(None, {"y_hat": y_hat})
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
-        session.run(None, {"y_hat": y_hat})
+        run.run(None, {"y_hat": y_hat})
         times.append(time.perf_counter() - start)
     return 1e3 * float(np.median(times))
 
@@ -240,13 +271,10 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     widths = [int(w) for w in args.widths.split(",")]
     qualities = [int(q) for q in args.rungs.split(",")]
-    release = resolve(args.model, qualities[-1])
-    meta = load(release).meta
-    channels = int(meta["M"])
-    train_y, train_x, held_out, test_y, bpp = cached_split(args.model, qualities, args.crops,
-                                                           args.per_image, seed=1)
-
-    released = network_from_release(release).g_s.eval()
+    run = setup(args.model, qualities, args.crops, args.per_image, seed=1)
+    meta, channels, released = run.meta, run.channels, run.released
+    train_y, train_x, held_out, test_y, bpp = (run.train_y, run.train_x, run.held_out,
+                                               run.test_y, run.bpp)
     narrow = narrow_synthesis(released, widths)
     print(f"training g_s {widths} for {args.minutes:g} minutes ...", file=sys.stderr)
     losses = train_on_latents(narrow, narrow.parameters(), train_y, train_x, args.minutes,
@@ -259,12 +287,12 @@ def main() -> int:
     start_narrow = narrow_synthesis(released, widths).eval()
     sessions["narrow, untrained"] = onnx_session(start_narrow, channels)
     rows = {}
-    for name, session in sessions.items():
+    for name, decoder in sessions.items():
         g_s = {"released": released, "narrow": narrow,
                "narrow, untrained": start_narrow}[name]
-        rows[name] = {"curve": curve(session, test_y, held_out, qualities, bpp),
+        rows[name] = {"curve": curve(decoder, test_y, held_out, qualities, bpp),
                       "kflop_per_pixel": kflop_per_pixel(g_s),
-                      "decode_ms_512": decode_ms(session, channels)}
+                      "decode_ms_512": decode_ms(decoder, channels)}
     for name in ("narrow", "narrow, untrained"):
         rows[name]["bd_rate_vs_released"] = {
             m: bd_rate(rows[name]["curve"], rows["released"]["curve"], m)

@@ -132,7 +132,11 @@ def finish(results: dict, json_path: Path | None, render: Callable[[dict], str])
 def pages(paths: list[Path]) -> Iterable[tuple[Path, str]]:
     """(page path, rendered text) for each JSON that names its benchmark."""
     for path in paths:
-        results = json.loads(path.read_text())
+        try:
+            results = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"report.py: {path}: not a readable results file ({exc})"
+                             ) from None
         if isinstance(results, dict) and "command" in results:
             yield path.with_suffix(".md"), render_page(results, path.name)
 
