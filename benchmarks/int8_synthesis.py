@@ -329,6 +329,14 @@ def main() -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     weight_max = 64 if args.reduced_weights else 127
+    state: dict = {}
+    if args.init:  # checked before minutes of caching
+        try:
+            state = torch.load(args.init, map_location="cpu")
+            if not {"synthesis", "grids", "steps"} <= set(state):
+                raise KeyError("synthesis, grids, steps")
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many kinds
+            p.error(f"--init {args.init}: not a --save of this script ({exc!r})")
     qualities = [int(q) for q in args.rungs.split(",")]
     run = setup(args.model, qualities, args.crops, args.per_image, seed=2)
     meta, channels, released = run.meta, run.channels, run.released
@@ -357,7 +365,6 @@ def main() -> int:
             tuned = copy.deepcopy(sub).train()
             start_grids, earlier_steps = grids, 0
             if args.init:
-                state = torch.load(args.init, map_location="cpu")
                 tuned.load_state_dict(state["synthesis"])
                 start_grids = {name: tuple(grid) for name, grid in state["grids"].items()}
                 earlier_steps = int(state["steps"])
