@@ -1,23 +1,25 @@
 """An int8 synthesis transform: what integer inference buys in decoding speed, and costs.
 
 Decoding is two thirds synthesis (four 5x5 stride-2 transposed convolutions with inverse
-GDN). onnxruntime's CPU provider has int8 kernels for Conv (``QLinearConv``, with VNNI
-where the CPU has it) but none for ConvTranspose, so each transposed convolution is first
-rewritten exactly as a 3x3 convolution with four times the output channels followed by a
-pixel shuffle (the sub-pixel form: output phase (a, b) of a stride-2 5x5 transposed
-convolution sees a 3x3 neighbourhood of the input). Then the graph is quantized
-statically (onnxruntime.quantization, QDQ, int8 weights per channel, uint8 activations):
-every tensor, or only the convolutions after the first on fixed activation grids, and
-the latter again after quantization-aware fine-tuning on cached latents (the bits do not
-change; no encoder pass per step).
+GDN). onnxruntime's CPU provider has int8 kernels for Conv but none for ConvTranspose, so
+each transposed convolution is first rewritten exactly in the sub-pixel form (a 3x3
+convolution to four times the channels, then a pixel shuffle; see
+``numcodecs_dlwsi.train.int8_synthesis``). Then the graph is quantized statically (QDQ,
+int8 weights per channel, uint8 activations): every tensor, or only the convolutions after
+the first on fixed activation grids, and the latter again after quantization-aware
+fine-tuning on cached latents (the bits do not change; no encoder pass per step).
+``--pixel-grid`` puts the last convolution's output on the output's own pixel grid, so that
+quantization is the decoder's final rounding.
 
 The released g_s and each variant decode the *same* latents (the held-out tiles coded
 once per rung, as ``narrow_synthesis.py`` does): reported are milliseconds per 512²
 chunk on one onnxruntime thread, PSNR and SSIM per rung, and the BD-rate against the
-released decoder at the same bits. Pixels change, so a decoder built on this would be a
-new model id.
+released decoder at the same bits. Pixels change, so a decoder built on this is a new
+model id: ``--save DIR`` keeps the fine-tuned synthesis, and ``dlwsi-train export-int8
+DIR/synthesis_qat.pt --parent MODEL --model NEW`` releases it.
 
-    python benchmarks/int8_synthesis.py --json docs/results/int8_synthesis.json
+    python benchmarks/int8_synthesis.py --minutes 25 --learn-grids --distill --pixel-grid \
+        --reduced-weights --save runs/int8 --json docs/results/int8_synthesis.json
 """
 
 from __future__ import annotations
@@ -30,18 +32,21 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
+from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+from numcodecs_dlwsi.train.int8_synthesis import (
+    PIXEL_GRID,
+    WEIGHT_MAX,
+    Latents,
+    QuantizationAware,
+    calibrate_grids,
+    last_output,
+    prepared_graph,
+    quantize_with_grids,
+    sub_pixel_synthesis,
 )
-from onnxruntime.quantization.shape_inference import quant_pre_process
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from narrow_synthesis import (  # noqa: E402
@@ -57,185 +62,14 @@ from rd import bd_rate  # noqa: E402
 from report import finish, percent, provenance, table  # noqa: E402
 
 RELEASED = "released (float, ConvTranspose)"
-#: for each output phase of a stride-2, pad-2, 5x5 transposed convolution: which kernel
-#: row (column) multiplies the input at offset t - 1 (t = 0, 1, 2) from the output's
-#: source position
-PHASE_TAPS = ({0: 4, 1: 2, 2: 0}, {1: 3, 2: 1})
-
-
-def sub_pixel(layer: nn.ConvTranspose2d) -> nn.Sequential:
-    """The same map as ``layer`` (5x5, stride 2, padding 2, output padding 1) as a 3x3
-    convolution to 4x the channels and a pixel shuffle: exact up to float rounding."""
-    weight = layer.weight.detach()  # (in, out, 5, 5)
-    cin, cout = weight.shape[:2]
-    kernel = torch.zeros(cout, 2, 2, cin, 3, 3)
-    for a, rows in enumerate(PHASE_TAPS):
-        for b, columns in enumerate(PHASE_TAPS):
-            for t, row in rows.items():
-                for u, column in columns.items():
-                    kernel[:, a, b, :, t, u] = weight[:, :, row, column].T
-    conv = nn.Conv2d(cin, 4 * cout, 3, padding=1)
-    with torch.no_grad():
-        # PixelShuffle reads channel c*4 + a*2 + b into output (c, 2i + a, 2j + b)
-        conv.weight.copy_(kernel.reshape(4 * cout, cin, 3, 3))
-        conv.bias.copy_(layer.bias.detach().repeat_interleave(4))
-    return nn.Sequential(conv, nn.PixelShuffle(2))
-
-
-def sub_pixel_synthesis(g_s: nn.Sequential) -> nn.Sequential:
-    return nn.Sequential(*(sub_pixel(m) if isinstance(m, nn.ConvTranspose2d) else m
-                           for m in g_s))
-
-
-class Latents(CalibrationDataReader):
-    def __init__(self, latents: np.ndarray) -> None:
-        self.items = iter(latents[i:i + 1] for i in range(len(latents)))
-
-    def get_next(self) -> dict | None:
-        item = next(self.items, None)
-        return None if item is None else {"y_hat": item}
-
-
-def _prepared(float_model: Path, out: Path
-              ) -> tuple[Path, list[tuple[onnx.NodeProto, bool]]]:
-    """The graph onnxruntime's quantizer wants (shapes inferred), and its convolutions in
-    order, each with whether it is an inverse GDN's (1x1)."""
-    prepared = out.with_suffix(".prep.onnx")
-    quant_pre_process(str(float_model), str(prepared), skip_symbolic_shape=True)
-    graph = onnx.load(str(prepared)).graph
-    kernels = {init.name: list(init.dims[2:]) for init in graph.initializer}
-    convs = [node for node in graph.node if node.op_type == "Conv"]
-    return prepared, [(node, kernels[node.input[1]] == [1, 1]) for node in convs]
 
 
 def quantize_everywhere(float_model: Path, out: Path, latents: np.ndarray) -> Path:
     """Every tensor int8, on ranges from onnxruntime's percentile calibration."""
-    prepared, _ = _prepared(float_model, out)
+    prepared, _ = prepared_graph(float_model, out)
     quantize_static(str(prepared), str(out), Latents(latents), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.Percentile)
-    return out
-
-
-#: the activations onnxruntime quantizes when only the sub-pixel convolutions after the
-#: first are int8: each one's input (the inverse GDN's output) and output
-def activation_points() -> list[str]:
-    return [name for k in (1, 2, 3) for name in (
-        f"/g_s/g_s.{2 * k - 1}/Mul_output_0", f"/g_s/g_s.{2 * k}/g_s.{2 * k}.0/Conv_output_0")]
-
-
-def uint8_grid(low: float, high: float) -> tuple[float, int]:
-    """(scale, zero point) of onnxruntime's asymmetric uint8 quantization of [low, high]
-    (widened to hold 0)."""
-    low, high = min(low, 0.0), max(high, 0.0)
-    scale = max(high - low, 1e-8) / 255.0
-    return scale, int(np.clip(np.rint(-low / scale), 0, 255))
-
-
-class QuantizationAware(nn.Module):
-    """The sub-pixel g_s as onnxruntime runs it with int8 convolutions after the first:
-    int8 weights per output channel, uint8 activations on per-tensor grids (fake-quantized,
-    straight-through gradients; the grids fixed or learned), the first convolution and the
-    inverse GDN in float."""
-
-    def __init__(self, sub: nn.Sequential, grids: dict[str, tuple[float, int]],
-                 weight_max: int = 127, learn_grids: bool = False) -> None:
-        super().__init__()
-        self.sub = sub
-        self.weight_max = weight_max
-        self.learn_grids = learn_grids
-        # one (scale, zero point) pair per quantized activation, learnable as in LSQ
-        # (Esser et al. 2020) when asked
-        self.names = list(grids)
-        self.scales = nn.ParameterList(
-            [nn.Parameter(torch.tensor([grids[n][0]]), requires_grad=learn_grids)
-             for n in self.names])
-        self.zero_points = nn.ParameterList(
-            [nn.Parameter(torch.tensor([float(grids[n][1])]), requires_grad=learn_grids)
-             for n in self.names])
-
-    def grids(self) -> dict[str, tuple[float, int]]:
-        """The activation grids as they stand (learned, or as given)."""
-        return {name: (float(scale.detach().abs()), int(np.clip(np.rint(float(zero)), 0, 255)))
-                for name, scale, zero in zip(self.names, self.scales, self.zero_points,
-                                             strict=True)}
-
-    def _activation(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        k = self.names.index(name)
-        scale, zero = self.scales[k], self.zero_points[k]
-        if self.learn_grids:
-            grad_factor = 1.0 / float(np.sqrt(x.numel() * 255))
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, scale.abs() + 1e-8, zero, 0, 255, grad_factor)
-        return torch.fake_quantize_per_tensor_affine(
-            x, float(scale.detach()), int(zero.detach()), 0, 255)
-
-    def _weight(self, w: torch.Tensor) -> torch.Tensor:
-        scale = w.detach().abs().amax(dim=(1, 2, 3)).clamp_min(1e-12) / self.weight_max
-        return torch.fake_quantize_per_channel_affine(
-            w, scale, torch.zeros_like(scale, dtype=torch.int32), 0, -self.weight_max,
-            self.weight_max)
-
-    def forward(self, y_hat: torch.Tensor) -> torch.Tensor:
-        x = self.sub[1](self.sub[0](y_hat))
-        points = iter(activation_points())
-        for k in (1, 2, 3):
-            conv, shuffle = self.sub[2 * k]
-            x = self._activation(x, next(points))
-            x = nn.functional.conv2d(x, self._weight(conv.weight), conv.bias, padding=1)
-            x = shuffle(self._activation(x, next(points)))
-            if k < 3:
-                x = self.sub[2 * k + 1](x)
-        return x
-
-
-def calibrate_grids(sub: nn.Sequential, latents: np.ndarray, percentile: float = 99.999
-                    ) -> dict[str, tuple[float, int]]:
-    """uint8 grids of the quantized activations from the float sub-pixel g_s on
-    ``latents``: the central ``percentile`` of each tensor's values."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in activation_points()}
-    names = iter(activation_points())
-    hooks = []
-
-    def record(inputs: str, outputs: str) -> object:
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            seen[inputs].append(args[0].detach().flatten())
-            seen[outputs].append(out.detach().flatten())
-        return hook
-
-    for k in (1, 2, 3):
-        hooks.append(sub[2 * k][0].register_forward_hook(record(next(names), next(names))))
-    with torch.no_grad():
-        for i in range(0, len(latents), 8):
-            sub(torch.from_numpy(latents[i:i + 8]))
-    for hook in hooks:
-        hook.remove()
-    grids = {}
-    rng = np.random.default_rng(0)
-    for name, parts in seen.items():
-        values = torch.cat(parts).numpy()
-        values = values[rng.integers(0, len(values), min(len(values), 4_000_000))]
-        grids[name] = uint8_grid(float(np.percentile(values, 100 - percentile)),
-                                 float(np.percentile(values, percentile)))
-    return grids
-
-
-def quantize_with_grids(float_model: Path, out: Path, latents: np.ndarray,
-                        grids: dict[str, tuple[float, int]], reduced_weights: bool) -> Path:
-    """int8 sub-pixel convolutions after the first, on the given activation grids; with
-    ``reduced_weights``, weights in -64..64 (onnxruntime's reduce_range)."""
-    prepared, convs = _prepared(float_model, out)
-    # the first convolution (its input is the latent itself) and the inverse GDN in float
-    exclude = [convs[0][0].name] + [node.name for node, is_gdn in convs if is_gdn]
-    overrides = {name: [{"scale": np.array(scale, np.float32),
-                         "zero_point": np.array(zero_point, np.uint8)}]
-                 for name, (scale, zero_point) in grids.items()}
-    quantize_static(str(prepared), str(out), Latents(latents), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=exclude, op_types_to_quantize=["Conv"],
-                    reduce_range=reduced_weights,
-                    extra_options={"TensorQuantOverrides": overrides})
     return out
 
 
@@ -274,7 +108,11 @@ def render(results: dict) -> str:
         "the model's own distortion against",
         ("the released decoder's output" if settings.get("distill") == "True"
          else "the original crops") + "), then quantized on",
-        "the same grids. Milliseconds per 512² chunk on",
+        "the same grids."
+        + (" The last convolution's output is quantized on the output's own pixel grid"
+           " (1/255, fixed), so that step is the decoder's final rounding and adds no error."
+           if settings.get("pixel_grid") == "True" else ""),
+        "Milliseconds per 512² chunk on",
         f"one onnxruntime thread, median of {settings['repeat']}; onnxruntime",
         f"{results['onnxruntime']}, CPU flags: {results['cpu_flags']}. BD-rate against the",
         "released decoder at the same bits."])
@@ -318,6 +156,10 @@ def main() -> int:
     p.add_argument("--distill", action="store_true",
                    help="fine-tune towards the released decoder's output on the same latents "
                         "instead of the original crops")
+    p.add_argument("--pixel-grid", action="store_true",
+                   help="quantize the last convolution's output on the output's own pixel "
+                        "grid (1/255, fixed): that quantization is then the decoder's final "
+                        "rounding and adds no error")
     p.add_argument("--init", type=Path, metavar="PT",
                    help="continue fine-tuning from a --save of an earlier run (its weights "
                         "and grids)")
@@ -328,7 +170,7 @@ def main() -> int:
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    weight_max = 64 if args.reduced_weights else 127
+    weight_bits = 7 if args.reduced_weights else 8
     state: dict = {}
     if args.init:  # checked before minutes of caching
         try:
@@ -347,6 +189,8 @@ def main() -> int:
         probe = torch.from_numpy(test_y[:4])
         difference = float((Pixels(released)(probe) - Pixels(sub)(probe)).abs().max())
     grids = calibrate_grids(sub, train_y)
+    if args.pixel_grid:
+        grids[last_output()] = PIXEL_GRID
     steps, losses = 0, []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -368,7 +212,12 @@ def main() -> int:
                 tuned.load_state_dict(state["synthesis"])
                 start_grids = {name: tuple(grid) for name, grid in state["grids"].items()}
                 earlier_steps = int(state["steps"])
-            aware = QuantizationAware(tuned, start_grids, weight_max, args.learn_grids)
+            fixed = frozenset()
+            if args.pixel_grid:
+                start_grids[last_output()] = PIXEL_GRID
+                fixed = frozenset([last_output()])
+            aware = QuantizationAware(tuned, start_grids, WEIGHT_MAX[weight_bits],
+                                      args.learn_grids, fixed)
             targets = train_x
             if args.distill:  # what the released decoder makes of each latent, 0-255
                 with torch.no_grad():
@@ -388,8 +237,8 @@ def main() -> int:
             grids = aware.grids()
             if args.save:
                 args.save.mkdir(parents=True, exist_ok=True)
-                torch.save({"synthesis": tuned.state_dict(), "grids": grids, "steps": steps},
-                           args.save / "synthesis_qat.pt")
+                torch.save({"synthesis": tuned.state_dict(), "grids": grids, "steps": steps,
+                            "weight_bits": weight_bits}, args.save / "synthesis_qat.pt")
                 shutil.copy(paths[name], args.save / "synthesis_int8.onnx")
         rows = {}
         for name, path in paths.items():

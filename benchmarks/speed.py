@@ -342,7 +342,9 @@ def decoder_kflop_per_pixel(ref: ModelRef, side: int = TILE) -> dict[str, float]
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.graph.value_info, *inferred.graph.input,
                         *inferred.graph.output]}
-    macs = 0
+    macs = macs_int8 = 0
+    dequantized = {node.output[0] for node in inferred.graph.node
+                   if node.op_type == "DequantizeLinear"}
     for node in inferred.graph.node:
         if node.op_type not in ("Conv", "ConvTranspose"):
             continue
@@ -350,15 +352,19 @@ def decoder_kflop_per_pixel(ref: ModelRef, side: int = TILE) -> dict[str, float]
         group = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
         source, result = shapes[node.input[0]], shapes[node.output[0]]
         taps = int(np.prod(kernel)) * source[1] * result[1] // group
-        macs += taps * (int(np.prod(result[2:])) if node.op_type == "Conv"
-                        else int(np.prod(source[2:])))
+        node_macs = taps * (int(np.prod(result[2:])) if node.op_type == "Conv"
+                            else int(np.prod(source[2:])))
+        macs += node_macs
+        if node.input[1] in dequantized:  # int8 weights (QDQ): onnxruntime runs it in int8
+            macs_int8 += node_macs
     hyper, size = 0, side // 64  # z is at 1/64 of the chunk, each deconv doubles it
     for layer in model_file.hyper_synthesis.layers:
         taps = int(np.prod(layer.weight.shape))
         hyper += taps * size * size
         size *= layer.stride if layer.kind == "deconv" else 1
     pixels = side * side
-    return {"synthesis": 2 * macs / pixels / 1e3, "hyper_synthesis": 2 * hyper / pixels / 1e3}
+    return {"synthesis": 2 * macs / pixels / 1e3, "synthesis_int8": 2 * macs_int8 / pixels / 1e3,
+            "hyper_synthesis": 2 * hyper / pixels / 1e3}
 
 
 # ------------------------------------------------------------------- through zarr
@@ -374,18 +380,21 @@ def mosaic(tiles: list[np.ndarray], side: int = REGION_TILES) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(rows, axis=1))
 
 
-def zarr_codecs(ref: ModelRef, args: argparse.Namespace) -> dict[str, dict]:
-    """name -> the array's codecs, for dlwsi and each baseline at its benchmark settings,
-    as ngff-convert writes them (the baselines behind a transpose, with crc32c)."""
+def zarr_codecs(refs: list[ModelRef], args: argparse.Namespace) -> dict[str, dict]:
+    """name -> the array's codecs, for each dlwsi model and rung and each baseline at its
+    benchmark settings, as ngff-convert writes them (the baselines behind a transpose, with
+    crc32c)."""
     from ngff_convert.codecs import register_image_codecs
 
     register_image_codecs()
     transpose = [{"name": "transpose", "configuration": {"order": [1, 2, 0]}}]
     threads = args.baseline_threads
-    configs = {f"dlwsi q{ref.quality}": {
+    several = len({ref.model for ref in refs}) > 1
+    configs = {f"dlwsi q{ref.quality}" + (f" `{ref.model}`" if several else ""): {
         "filters": None, "compressors": None,
         "serializer": {"name": "dlwsi", "configuration": {"model": ref.model,
-                                                          "quality": ref.quality}}}}
+                                                          "quality": ref.quality}}}
+        for ref in refs}
     image_codecs = {
         f"JPEG-XL d{args.jxl_distance:g}": ("imagecodecs_jpegxl", {
             "distance": args.jxl_distance, "effort": args.jxl_effort, "lossless": False,
@@ -402,15 +411,15 @@ def zarr_codecs(ref: ModelRef, args: argparse.Namespace) -> dict[str, dict]:
     return configs
 
 
-def bench_zarr_region(tiles: list[np.ndarray], ref: ModelRef, args: argparse.Namespace
-                      ) -> list[dict]:
+def bench_zarr_region(tiles: list[np.ndarray], refs: list[ModelRef],
+                      args: argparse.Namespace) -> list[dict]:
     """Read a whole 2048² region through zarr-python (its own chunk concurrency, one chunk
     per codec call) from a sharded in-memory array per codec, in interleaved rounds."""
     import zarr
 
     image = mosaic(tiles)
     arrays = {}
-    for name, codecs in zarr_codecs(ref, args).items():
+    for name, codecs in zarr_codecs(refs, args).items():
         array = zarr.create_array(zarr.storage.MemoryStore(), shape=image.shape,
                                   chunks=(3, TILE, TILE), shards=image.shape, dtype="uint8",
                                   fill_value=255, **codecs)
@@ -531,6 +540,7 @@ def device_info(ref: ModelRef) -> dict:
         "onnxruntime": ort.__version__,
         "providers_requested": list(providers),
         "providers_used": used,
+        "int8_in_integers": runtime.int8_in_integers(),
         "DLWSI_PROVIDER": os.environ.get(runtime.ENV_PROVIDER, "auto"),
         "DLWSI_THREADS": os.environ.get(runtime.ENV_THREADS,
                                         f"{runtime.DEFAULT_THREADS} (default)"),
@@ -562,8 +572,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "Speeds are megapixels per second (MP/s), bigger is faster; a ratio "
                "dlwsi/X > 1 means dlwsi is faster than X.",
     )
-    parser.add_argument("--model", default=None,
-                        help="dlwsi model id (default: the installed default model)")
+    parser.add_argument("--model", action="append", default=None,
+                        help="dlwsi model id (default: the installed default model); repeat "
+                             "it to time several models in the same run")
     parser.add_argument("--quality", nargs="+", default=None, metavar="Q",
                         help="dlwsi quality level(s), or 'all' for every installed one "
                              "(default: the model's default quality)")
@@ -731,7 +742,14 @@ def render(results: dict) -> str:
         f"timed run(s); dlwsi codes {settings['batch']} chunk(s) per call (1: as Zarr hands "
         f"them over). {device['cpu']}, {device['usable_cpus']} usable CPUs; onnxruntime "
         f"{device['onnxruntime']} ({', '.join(device['providers_used']['synthesis'])}), "
-        f"imagecodecs {device['imagecodecs']}; {environment}. MP/s are megapixels per "
+        f"imagecodecs {device['imagecodecs']}; {environment}"
+        + (("; int8 syntheses on int8 kernels" if device["int8_in_integers"]
+            else "; int8 syntheses run in float (DLWSI_INT8, or int8 kernels that could "
+                 "saturate)")
+           if any("synthesis_int8" in (row.get("decoder_kflop_per_pixel") or {})
+                  and row["decoder_kflop_per_pixel"]["synthesis_int8"]
+                  for row in results["dlwsi"]) else "")
+        + ". MP/s are megapixels per "
         "second of wall time; bpp counts every byte of each chunk.", "",
         table(["codec", "encode MP/s", "decode MP/s", "bpp", "PSNR dB", "decode vs JPEG-XL"],
               [[row["codec"] + (f" (`{row['model']}`)" if "model" in row else ""),
@@ -739,6 +757,7 @@ def render(results: dict) -> str:
                 _fmt(row["psnr_db"]),
                 f"{row['decode_mps'] / jxl['decode_mps']:.3f}x" if jxl else ""]
                for row in [*dlwsi, *results["baselines"]]])]
+    several = len({row.get("model") for row in results["dlwsi"]}) > 1
     for row in results["dlwsi"]:
         s = row["seconds"]
         stages = [(phase, stage) for phase, names in (("encode", ENCODE_STAGES),
@@ -746,7 +765,8 @@ def render(results: dict) -> str:
                   for stage in names if f"{phase}.{stage}" in s]
         if not stages:
             continue
-        out += ["", f"## Where {row['codec']}'s time goes", "",
+        out += ["", f"## Where {row['codec']}"
+                + (f" (`{row['model']}`)" if several else "") + "'s time goes", "",
                 f"Milliseconds per tile, each stage timed on its own (end to end: encode "
                 f"{_per_tile_ms(row, 'encode', tiles)}, decode "
                 f"{_per_tile_ms(row, 'decode', tiles)}).", "",
@@ -755,8 +775,10 @@ def render(results: dict) -> str:
                         STAGE_HELP[stage]] for phase, stage in stages])]
         flops = row.get("decoder_kflop_per_pixel")
         if flops:
+            int8 = flops.get("synthesis_int8", 0.0)
             out += ["", f"Decoder work: synthesis {flops['synthesis']:.1f} kFLOP per output "
-                        f"pixel, integer hyper-synthesis {flops['hyper_synthesis']:.2f}."]
+                        "pixel" + (f" ({int8:.1f} of them in int8)" if int8 else "")
+                        + f", integer hyper-synthesis {flops['hyper_synthesis']:.2f}."]
     for row in results.get("dlwsi_rate_control", []):
         if row.get("target_ssim") is not None:
             out += ["", f"{row['codec']}: rungs chosen (rung: tiles) {row['rungs']}."]
@@ -783,7 +805,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        refs = resolve_refs(args.model, args.quality)
+        refs = [ref for model in (args.model or [None])
+                for ref in resolve_refs(model, args.quality)]
         runtime.execution_providers()
     except (ModelNotAvailableError, ValueError) as exc:
         print(f"speed.py: {exc}", file=sys.stderr)
@@ -834,11 +857,12 @@ def main(argv: list[str] | None = None) -> int:
     region = []
     if args.zarr_region:
         print("timing a 2048x2048 region read through zarr ...", file=sys.stderr)
-        region = bench_zarr_region(tiles, refs[0], args)
+        region = bench_zarr_region(tiles, refs, args)
         print()
         print(f"{'2048x2048 region through zarr':<30}{'MP/s':>8}{'PSNR dB':>9}"
               f"{'vs first baseline':>19}")
-        reference = region[1]["read_mps"] if len(region) > 1 else region[0]["read_mps"]
+        reference = next((row for row in region if not row["codec"].startswith("dlwsi")),
+                         region[0])["read_mps"]
         for row in region:
             print(f"{row['codec']:<30}{row['read_mps']:>8.2f}{_fmt(row['psnr_db']):>9}"
                   f"{row['read_mps'] / reference:>18.3f}x")

@@ -76,3 +76,18 @@ def test_out_of_range_latent_is_refused():
     y = np.array([[[2**40]]])
     with pytest.raises(ValueError, match="32-bit"):
         encode_latents(np.zeros((1, 1, 1), np.int64), tables, y, np.zeros_like(y), tables)
+
+
+def test_scale_levels_table_answers_as_the_binary_search():
+    """The look-up table must pick the same Gaussian table as the search it replaced, for
+    every integer scale, in range or not, and for thresholds too large for a table."""
+    from numcodecs_dlwsi.hyper_synthesis import LEVEL_TABLE_LIMIT, scale_levels
+
+    rng = np.random.default_rng(5)
+    thresholds = np.unique(rng.integers(100, 300_000, 64))
+    scales = np.concatenate([rng.integers(-2**26, 2**26, 20_000), thresholds,
+                             thresholds - 1, thresholds + 1, [0, -1]]).astype(np.float64)
+    for table in (thresholds, thresholds + LEVEL_TABLE_LIMIT):
+        expected = np.searchsorted(table[:-1], scales, side="left")
+        assert np.array_equal(scale_levels(scales, table), expected)
+        assert scale_levels(scales, table).dtype == np.int64

@@ -112,6 +112,8 @@ def test_read_only_directory(slides, tmp_path):
     (["--target-ssim", "1.5"], ["--target-ssim", "between 0 and 1"]),
     (["--quality", "5", "--target-ssim", "0.9"], ["--quality", "--target-ssim", "one of"]),
     (["--chunk-ssim", "0.9", "--target-ssim", "0.9"], ["--chunk-ssim", "one of"]),
+    (["--codec", "jpeg", "--model", "he-mshl-v3"], ["--model", "--codec jpeg"]),
+    (["--model", "he-mshl-v9"], ["he-mshl-v9"]),
 ])
 def test_bad_options(slides, tmp_path, args, words):
     proc = run_cli(slides / SMALL, tmp_path / "out.zarr", *args)

@@ -267,6 +267,24 @@ def test_rate_control_picks_a_rung_per_chunk(slides, tmp_path):
     assert "target_ssim" in run_cli("info", store).stdout
 
 
+def test_model_option_stores_that_model(slides, tmp_path):
+    """--model he-mshl-v3-int8: the store's codec names it, its chunks carry it, the
+    quality is chosen for it, and it reads back through zarr like any other."""
+    from numcodecs_dlwsi import bitstream
+
+    store = tmp_path / "int8.zarr"
+    proc = run_cli(slides / CMU, store, "--model", "he-mshl-v3-int8", "--level0", "lossy",
+                   "--shard", "1", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((store / "0" / "zarr.json").read_text())
+    config = next(c for c in meta["codecs"] if c["name"] == "dlwsi")["configuration"]
+    assert config["model"] == "he-mshl-v3-int8"
+    chunk = next(path for path in (store / "0" / "c").rglob("*") if path.is_file())
+    assert bitstream.unpack(chunk.read_bytes())[0].model_id == "he-mshl-v3-int8"
+    level0 = _verify(slides, CMU, store)["levels"][0]
+    assert level0["ssim_tissue"] >= 0.95
+
+
 def test_verify_reports_every_level_and_sizes(slides, tmp_path):
     store = tmp_path / "cmu-jpeg.zarr"
     run_cli(slides / CMU, store, "--codec", "jpeg", "--quality", "95", "--no-progress")

@@ -33,11 +33,14 @@ def test_resume_after_kill(slides, tmp_path, codec):
                             env=os.environ.copy())
     work = tmp_path / "out.zarr.incomplete"  # a local store is written beside its target
     level0 = work / "0" / "c"
-    kill_once_written(proc, lambda: sum(p.is_file() for p in level0.rglob("*"))
-                      if level0.exists() else 0)
-    # chunk objects of the killed run (zarr's *.partial temp files are not objects)
-    first = {p.relative_to(work): p.stat().st_mtime_ns for p in level0.rglob("*")
-             if p.is_file() and p.suffix != ".partial"}
+
+    def objects() -> list[Path]:
+        """Chunk objects written so far (zarr's *.partial temp files are not objects)."""
+        return [p for p in level0.rglob("*") if p.is_file() and p.suffix != ".partial"] \
+            if level0.exists() else []
+
+    kill_once_written(proc, lambda: len(objects()))
+    first = {p.relative_to(work): p.stat().st_mtime_ns for p in objects()}
     assert first
     # a half-written store never looks complete, nor takes the target's name
     assert not out.exists()

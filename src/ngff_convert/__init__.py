@@ -29,7 +29,7 @@ Modules, one concept each:
 
 from __future__ import annotations
 
-__version__ = "0.2.1"
+__version__ = "0.3.0"
 
 
 class ConvertError(Exception):

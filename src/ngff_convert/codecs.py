@@ -109,14 +109,15 @@ def image_codec(choice: CodecChoice, quality: int, refine: int = 0) -> Any:
 
 def quality_range(choice: CodecChoice) -> tuple[int, int]:
     """The qualities ``choice`` accepts, lowest to highest: from the table, or asked of
-    the codec itself (dlwsi: the rungs of the installed default model)."""
+    the codec itself (dlwsi: the rungs of its model)."""
     if choice.quality_range is not None:
         return choice.quality_range
     import numcodecs
 
     register_image_codecs()
     try:
-        return tuple(numcodecs.get_codec({"id": choice.numcodecs_id}).quality_range())
+        return tuple(numcodecs.get_codec({"id": choice.numcodecs_id,
+                                          **dict(choice.settings)}).quality_range())
     except Exception as exc:  # noqa: BLE001 - the codec's own message says why
         raise ConvertError(f"codec {choice.name}: {exc}") from None
 

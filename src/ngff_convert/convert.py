@@ -19,6 +19,7 @@ import zarr
 from . import ConvertError, ConvertInterrupted, __version__, ngff, one_line, provenance
 from .calibrate import Calibration, choose_quality, sample_positions
 from .codecs import (
+    CodecChoice,
     codec_choice,
     jpeg_lattice_codec,
     v2_compressor,
@@ -111,8 +112,18 @@ def _target_ssim(options: Options) -> float | None:
                                f"{options.target_ssim}")
         return options.target_ssim
     if options.quality is None and options.chunk_ssim is None:
-        return codec_choice(options.codec).default_target_ssim
+        return _codec_choice(options).default_target_ssim
     return None
+
+
+def _codec_choice(options: Options) -> CodecChoice:
+    """--codec, with dlwsi's --model among the settings stored with it."""
+    choice = codec_choice(options.codec)
+    if options.model is None:
+        return choice
+    if choice.name != "dlwsi":
+        raise ConvertError(f"--model chooses dlwsi's model; --codec {choice.name} has none")
+    return replace(choice, settings=(*choice.settings, ("model", options.model)))
 
 
 def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, target: float,
@@ -124,7 +135,7 @@ def _chosen_quality(info: SlideInfo, tissue: TissueMask, options: Options, targe
         return Calibration.from_dict(earlier)
     restore = jpeg_lattice_codec(lattice.config) if lattice.config is not None else None
     return choose_quality(info, tissue, options.glass, options.chunk,
-                          codec_choice(options.codec), target, options.workers, log,
+                          _codec_choice(options), target, options.workers, log,
                           restore=restore, refine=options.refine,
                           progress=options.progress)
 
@@ -185,7 +196,7 @@ def _level0_plan(info: SlideInfo, tissue: TissueMask, options: Options, zarr_for
 
 def _codec_config(options: Options) -> dict[str, Any]:
     """Resolve --codec/--quality for the format; fail (one line) before writing anything."""
-    choice = codec_choice(options.codec)
+    choice = _codec_choice(options)
     if options.ngff == "0.5":
         config = v3_codecs(choice, options.quality, options.chunk_ssim, options.refine)
     else:

@@ -15,6 +15,7 @@ class Options:
     target_ssim: float | None = None  # the slide's quality chosen to reach this (calibrate)
     chunk_ssim: float | None = None  # dlwsi: each chunk's rung chosen to reach this SSIM
     refine: int = 0  # dlwsi: latent refinement steps per chunk (slower encoding, fewer bytes)
+    model: str | None = None  # dlwsi: the model id (None: the installed default)
     ngff: str = "0.5"
     glass: Glass = Glass.fill
     chunk: int = 512

@@ -15,6 +15,7 @@ an exact value times a power of two, which is exact too.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,7 +131,28 @@ class IntegerHyperSynthesis:
         return x[:, :half], x[:, half:]
 
 
+#: Largest scale threshold served by a look-up table instead of a binary search.
+LEVEL_TABLE_LIMIT = 1 << 22
+
+
+@functools.lru_cache(maxsize=8)
+def _level_table(thresholds: bytes) -> np.ndarray:
+    """scale_levels of every integer scale 0 .. last threshold."""
+    t = np.frombuffer(thresholds, dtype=np.int64)
+    levels = np.searchsorted(t[:-1], np.arange(int(t[-1]) + 1), side="left")
+    return levels.astype(np.min_scalar_type(len(t)))
+
+
 def scale_levels(scales_fixed: np.ndarray, thresholds_fixed: np.ndarray) -> np.ndarray:
-    """Index of the first scale-table entry >= each scale (the last entry catches the rest)."""
-    levels = np.searchsorted(thresholds_fixed[:-1], scales_fixed, side="left")
-    return levels.astype(np.int64)
+    """Index of the first scale-table entry >= each scale (the last entry catches the rest).
+
+    Scales are integers (fixed point: floors of exact values), so below 0 every scale is
+    level 0 and from the last threshold on the last level: clamped, each indexes a table of
+    the binary search's answers, which is several times faster than searching.
+    """
+    thresholds = np.ascontiguousarray(thresholds_fixed, dtype=np.int64)
+    if thresholds[0] < 0 or thresholds[-1] > LEVEL_TABLE_LIMIT:
+        return np.searchsorted(thresholds[:-1], scales_fixed, side="left").astype(np.int64)
+    table = _level_table(thresholds.tobytes())
+    index = np.clip(scales_fixed, 0, thresholds[-1]).astype(np.intp)
+    return table[index].astype(np.int64)

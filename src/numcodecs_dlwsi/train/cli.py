@@ -113,6 +113,23 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--default", action="store_true", help="make this family the default")
     export.add_argument("--default-quality", type=int, metavar="Q",
                         help="make rung Q the family's default quality")
+
+    int8 = sub.add_parser(
+        "export-int8",
+        help="release a model whose synthesis runs in int8, from a fine-tuned synthesis",
+        description="Write PARENT's model file with its synthesis replaced by an int8 one "
+                    "(the sub-pixel synthesis fine-tuned by 'benchmarks/int8_synthesis.py "
+                    "--save', quantized on its own grids) under a new model id, and register "
+                    "its rungs. Everything else is the parent's, so its chunks hold the same "
+                    "bits; only the decoded pixels differ, by what the int8 synthesis costs.",
+    )
+    int8.add_argument("fine_tuned", type=Path,
+                      help="synthesis_qat.pt written by benchmarks/int8_synthesis.py --save")
+    int8.add_argument("--parent", required=True, help="released model id, e.g. he-mshl-v3")
+    int8.add_argument("--model", required=True, help="new model id, e.g. he-mshl-v3-int8")
+    int8.add_argument("--weights", type=Path, default=Path("weights"), help="weights folder")
+    int8.add_argument("--default-quality", type=int, metavar="Q",
+                      help="make rung Q the new model's default quality")
     return parser
 
 
@@ -183,6 +200,18 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"{args.out}: {args.model}'s network; hyper-latent prior fitted to its tables "
               f"within {excess:.2e} bits per symbol")
+        return 0
+    if args.command == "export-int8":
+        from ..model_store import ModelNotAvailableError, resolve
+        from .int8_synthesis import export_int8_model
+
+        try:
+            path = export_int8_model(resolve(args.parent, None), args.fine_tuned, args.model,
+                                     args.weights, args.default_quality)
+        except (ModelNotAvailableError, ValueError, FileExistsError, OSError) as error:
+            print(f"dlwsi-train export-int8: {error}", file=sys.stderr)
+            return 2
+        print(path)
         return 0
     from .export import export_model
 
