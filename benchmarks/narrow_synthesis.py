@@ -11,6 +11,8 @@ a g_s costs in quality and buys in speed, on this CPU:
 2. Start the narrow g_s from the released one, keeping each layer's strongest channels
    (by weight norm; the inverse-GDN parameters sliced to match), and train it on the
    cache with the model's own distortion (``network.loss``), no encoder pass per step.
+   Widths above the released ones grow it instead (``widened_synthesis``: the same
+   function until training gives the new channels a say), to see what width buys.
 3. On the held-out tiles (the ``rd.py`` split), code each tile at each rung once; decode
    with the released g_s (onnxruntime, as the codec does) and with the narrow one (its
    ONNX export, the same way), and report PSNR/SSIM per rung, the BD-rate of the narrow
@@ -84,6 +86,55 @@ def narrow_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequentia
                 gdn.gamma.copy_(gdn.gamma_reparam.init(gamma[cout][:, cout]))
             layers.append(gdn)
     return nn.Sequential(*layers)
+
+
+def widened_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequential:
+    """g_s with hidden widths ``widths`` (3 stages, each at least the released one's): the
+    released channels copied in, the new ones starting silent. A new channel's incoming
+    weights are small and random, its outgoing weights zero, and it does not enter the
+    released channels' inverse GDN, so the widened g_s computes exactly what the released
+    one does until training gives the new channels a say."""
+    convs = [released[i] for i in (0, 2, 4, 6)]
+    gdns = [released[i] for i in (1, 3, 5)]
+    ins = [convs[0].weight.shape[0], *widths]
+    outs = [*widths, 3]
+    generator = torch.Generator().manual_seed(0)
+    layers: list[nn.Module] = []
+    for k, (layer, cin, cout) in enumerate(zip(convs, ins, outs, strict=True)):
+        old_in, old_out = layer.weight.shape[:2]
+        if cin < old_in or cout < old_out:
+            raise ValueError(f"widths {widths} are narrower than the released g_s's")
+        wide = deconv(cin, cout)
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.bias.zero_()
+            wide.weight[:old_in, :old_out] = layer.weight
+            wide.bias[:old_out] = layer.bias
+            scale = 0.1 * float(layer.weight.std())
+            wide.weight[:old_in, old_out:] = scale * torch.randn(
+                old_in, cout - old_out, *layer.weight.shape[2:], generator=generator)
+        layers.append(wide)
+        if k < 3:
+            gdn = GDN(cout, inverse=True)
+            with torch.no_grad():
+                beta = torch.ones(cout)
+                beta[:old_out] = gdns[k].beta_reparam(gdns[k].beta)
+                gamma = 0.1 * torch.eye(cout)
+                gamma[:old_out, :old_out] = gdns[k].gamma_reparam(gdns[k].gamma)
+                gamma[:old_out, old_out:] = 0.0
+                gamma[old_out:, :old_out] = 0.0
+                gdn.beta.copy_(gdn.beta_reparam.init(beta))
+                gdn.gamma.copy_(gdn.gamma_reparam.init(gamma))
+            layers.append(gdn)
+    return nn.Sequential(*layers)
+
+
+def resized_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequential:
+    """Narrowed when every width is at most the released one's, widened otherwise."""
+    released_widths = [released[i].weight.shape[1] for i in (0, 2, 4)]
+    if all(w <= r for w, r in zip(widths, released_widths, strict=True)):
+        return narrow_synthesis(released, widths)
+    return widened_synthesis(released, widths)
 
 
 def cached_latents(tiles: np.ndarray, qualities: list[int], model: str
@@ -228,6 +279,8 @@ def curve(session: ort.InferenceSession, latents: np.ndarray, tiles: np.ndarray,
 
 
 def title(results: dict) -> str:
+    if "wide" in results["rows"]:
+        return "A wider synthesis trained on cached latents"
     return "A narrower synthesis trained on cached latents"
 
 
@@ -243,7 +296,10 @@ def render(results: dict) -> str:
     rungs = [f"q{p['setting']}" for p in next(iter(results["rows"].values()))["curve"]]
     return "\n".join([
         f"The synthesis transform g_s of `{settings['model']}` with hidden widths "
-        f"{settings['widths']} (its strongest channels kept), trained for "
+        f"{settings['widths']} ("
+        + ("the released channels kept, the new ones starting silent"
+           if "wide" in results["rows"] else "its strongest channels kept")
+        + "), trained for "
         f"{float(settings['minutes']):g} CPU minutes ({results['training_steps']} steps of "
         f"{settings['batch']} crops) on latents of {settings['crops']} training-side 256² "
         f"crops coded at rungs {settings['rungs']} and cached, so the bits do not change. "
@@ -275,25 +331,24 @@ def main() -> int:
     meta, channels, released = run.meta, run.channels, run.released
     train_y, train_x, held_out, test_y, bpp = (run.train_y, run.train_x, run.held_out,
                                                run.test_y, run.bpp)
-    narrow = narrow_synthesis(released, widths)
+    narrow = resized_synthesis(released, widths)
+    kind = "narrow" if kflop_per_pixel(narrow) <= kflop_per_pixel(released) else "wide"
     print(f"training g_s {widths} for {args.minutes:g} minutes ...", file=sys.stderr)
     losses = train_on_latents(narrow, narrow.parameters(), train_y, train_x, args.minutes,
                               args.batch, args.lr, float(meta.get("ssim_weight", 0.0)))
     steps = len(losses)
     narrow.eval()
 
-    sessions = {"released": onnx_session(released, channels),
-                "narrow": onnx_session(narrow, channels)}
-    start_narrow = narrow_synthesis(released, widths).eval()
-    sessions["narrow, untrained"] = onnx_session(start_narrow, channels)
+    start_narrow = resized_synthesis(released, widths).eval()
+    modules = {"released": released, kind: narrow, f"{kind}, untrained": start_narrow}
+    sessions = {name: onnx_session(g_s, channels) for name, g_s in modules.items()}
     rows = {}
     for name, decoder in sessions.items():
-        g_s = {"released": released, "narrow": narrow,
-               "narrow, untrained": start_narrow}[name]
+        g_s = modules[name]
         rows[name] = {"curve": curve(decoder, test_y, held_out, qualities, bpp),
                       "kflop_per_pixel": kflop_per_pixel(g_s),
                       "decode_ms_512": decode_ms(decoder, channels)}
-    for name in ("narrow", "narrow, untrained"):
+    for name in (kind, f"{kind}, untrained"):
         rows[name]["bd_rate_vs_released"] = {
             m: bd_rate(rows[name]["curve"], rows["released"]["curve"], m)
             for m in ("ssim", "psnr")}
