@@ -36,6 +36,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from numcodecs_dlwsi.runtime import linux_cpu_flags
 from numcodecs_dlwsi.train.int8_synthesis import (
     PIXEL_GRID,
     WEIGHT_MAX,
@@ -124,10 +125,8 @@ def render(results: dict) -> str:
 
 
 def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = linux_cpu_flags()
+    if not flags:
         return "unknown"
     return ", ".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
                      if f in flags) or "no AVX2"

@@ -129,10 +129,19 @@ def widened_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-def resized_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequential:
-    """Narrowed when every width is at most the released one's, widened otherwise."""
+def resize_kind(released: nn.Sequential, widths: list[int]) -> str | None:
+    """"narrow" when every width is at most the released one's, "wide" when every one is
+    at least it, None for a mix (neither way keeps the released g_s as a start)."""
     released_widths = [released[i].weight.shape[1] for i in (0, 2, 4)]
-    if all(w <= r for w, r in zip(widths, released_widths, strict=True)):
+    pairs = list(zip(widths, released_widths, strict=True))
+    if all(w <= r for w, r in pairs):
+        return "narrow"
+    return "wide" if all(w >= r for w, r in pairs) else None
+
+
+def resized_synthesis(released: nn.Sequential, widths: list[int]) -> nn.Sequential:
+    """Narrowed or widened as :func:`resize_kind` says."""
+    if resize_kind(released, widths) == "narrow":
         return narrow_synthesis(released, widths)
     return widened_synthesis(released, widths)
 
@@ -325,14 +334,23 @@ def main() -> int:
     args = p.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    widths = [int(w) for w in args.widths.split(",")]
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        widths = []
+    if len(widths) != 3 or min(widths) < 1:
+        p.error(f"--widths {args.widths}: three positive integers, e.g. 48,48,24")
     qualities = [int(q) for q in args.rungs.split(",")]
+    # checked before minutes of caching
+    kind = resize_kind(network_from_release(resolve(args.model, None)).g_s, widths)
+    if kind is None:
+        p.error(f"--widths {args.widths}: each width at most the released one's "
+                "(narrower) or each at least it (wider), not a mix")
     run = setup(args.model, qualities, args.crops, args.per_image, seed=1)
     meta, channels, released = run.meta, run.channels, run.released
     train_y, train_x, held_out, test_y, bpp = (run.train_y, run.train_x, run.held_out,
                                                run.test_y, run.bpp)
     narrow = resized_synthesis(released, widths)
-    kind = "narrow" if kflop_per_pixel(narrow) <= kflop_per_pixel(released) else "wide"
     print(f"training g_s {widths} for {args.minutes:g} minutes ...", file=sys.stderr)
     losses = train_on_latents(narrow, narrow.parameters(), train_y, train_x, args.minutes,
                               args.batch, args.lr, float(meta.get("ssim_weight", 0.0)))

@@ -746,8 +746,7 @@ def render(results: dict) -> str:
         + (("; int8 syntheses on int8 kernels" if device["int8_in_integers"]
             else "; int8 syntheses run in float (DLWSI_INT8, or int8 kernels that could "
                  "saturate)")
-           if any("synthesis_int8" in (row.get("decoder_kflop_per_pixel") or {})
-                  and row["decoder_kflop_per_pixel"]["synthesis_int8"]
+           if any((row.get("decoder_kflop_per_pixel") or {}).get("synthesis_int8")
                   for row in results["dlwsi"]) else "")
         + ". MP/s are megapixels per "
         "second of wall time; bpp counts every byte of each chunk.", "",
@@ -808,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         refs = [ref for model in (args.model or [None])
                 for ref in resolve_refs(model, args.quality)]
         runtime.execution_providers()
+        runtime.int8_in_integers()
     except (ModelNotAvailableError, ValueError) as exc:
         print(f"speed.py: {exc}", file=sys.stderr)
         return 2

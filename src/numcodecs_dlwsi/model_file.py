@@ -106,6 +106,11 @@ class ModelFile:
     def hyper_channels(self) -> int:
         return int(self.meta["N"])
 
+    @property
+    def int8_synthesis(self) -> bool:
+        """Whether the synthesis graph is int8 (QDQ; ``meta["synthesis"]``, bitstream §9)."""
+        return "weight_bits" in self.meta.get("synthesis", {})
+
 
 def read_model_file(path: Path) -> ModelFile:
     """Load and validate a model file (raises ValueError if it is not a usable one)."""

@@ -67,6 +67,11 @@ def _entries(model: str, quality: int) -> list[tuple[Path, dict]]:
     return found
 
 
+def released_in(folder: Path) -> dict[str, dict]:
+    """model id -> {quality: entry} of ``folder``'s manifest (empty without one)."""
+    return _read_manifest(folder)["models"] if (folder / MANIFEST).exists() else {}
+
+
 def default_model() -> str:
     for folder in weights_dirs():
         default = _read_manifest(folder).get("default")

@@ -13,9 +13,9 @@ A model whose synthesis is int8 (``meta["synthesis"]``) runs it on the CPU provi
 int8 kernels accumulate exactly where the CPU multiplies bytes into 32-bit sums (x86 with
 AVX-512 VNNI, AVX-VNNI or AMX; ARM64 with the dot-product instructions). Elsewhere x86
 kernels add pairs of products in 16 bits, which can saturate, so onnxruntime is told to run
-the same graph in float instead (``session.disable_quant_qdq``): no faster than a float
-synthesis, pixels within the +-1 allowed between devices. ``DLWSI_INT8=int8|float``
-overrides the choice.
+the same graph in float instead (``session.disable_quant_qdq``): slower than the int8
+kernels, pixels within the +-1 allowed between devices (docs/results/decode_paths.md).
+``DLWSI_INT8=int8|float`` overrides the choice.
 """
 
 from __future__ import annotations
@@ -67,6 +67,15 @@ def intra_op_threads() -> int:
 _EXACT_INT8_X86 = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def linux_cpu_flags() -> set[str]:
+    """The CPU's flags as Linux names them in ``/proc/cpuinfo`` (empty elsewhere)."""
+    try:
+        return set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                        if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
 @functools.lru_cache(maxsize=1)
 def exact_int8_kernels() -> bool:
     """Whether onnxruntime's int8 convolutions accumulate exactly on this CPU (unknown: no)."""
@@ -79,14 +88,7 @@ def exact_int8_kernels() -> bool:
         return bool(features.get("ASIMDDP"))
     if machine not in ("x86_64", "amd64"):
         return False
-    if features.get("AVX512VNNI"):
-        return True
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return False
-    return any(flag in flags for flag in _EXACT_INT8_X86)
+    return bool(features.get("AVX512VNNI")) or bool(linux_cpu_flags() & set(_EXACT_INT8_X86))
 
 
 def int8_in_integers() -> bool:
@@ -98,16 +100,12 @@ def int8_in_integers() -> bool:
     return exact_int8_kernels() if choice == "auto" else choice == "int8"
 
 
-def is_int8_synthesis(ref: ModelRef) -> bool:
-    return "weight_bits" in load(ref).meta.get("synthesis", {})
-
-
 def session(ref: ModelRef, graph: str, providers: tuple[str, ...], threads: int
             ) -> ort.InferenceSession:
     """The onnxruntime session of one graph of a model file, shared by all its rungs."""
-    load(ref)  # checks the file's hash and that it holds this quality
+    model = load(ref)  # checks the file's hash and that it holds this quality
     in_float = False
-    if graph == "synthesis" and is_int8_synthesis(ref):
+    if graph == "synthesis" and model.int8_synthesis:
         providers, in_float = (_PROVIDERS["cpu"],), not int8_in_integers()
     return _file_session(ref.path, ref.sha256, graph, providers, threads, in_float)
 

@@ -60,7 +60,7 @@ def network_from_release(ref: ModelRef) -> LiteMeanScaleHyperprior:
     """The network in ``ref``'s file with its transforms (g_a, h_a, g_s, h_s) as released;
     the hyper-latent prior is left untrained (``train.from_release.fit_hyper_prior`` fits it)."""
     model_file = load(ref)
-    if model_file.meta.get("synthesis"):
+    if model_file.int8_synthesis:
         raise ValueError(f"{ref.model}'s synthesis runs in int8, quantized from "
                          f"{model_file.meta.get('parent')}: start from that model instead")
     model = model_for(model_file)

@@ -23,7 +23,7 @@ from torch import nn
 from ..entropy_coding import quantize_pmf
 from ..hyper_synthesis import FRACTION_BITS
 from ..model_file import GAIN_BITS, GAIN_FIXED_MAX, GAIN_FIXED_MIN, PAD_MULTIPLE, write_model_file
-from ..model_store import MANIFEST, register_model
+from ..model_store import register_model, released_in
 from ..network.model import ARCHITECTURE, Analysis, LiteMeanScaleHyperprior, Synthesis
 from .data import TRAINING_SLIDES, VALIDATION_FILES, default_data_root, he_files
 
@@ -131,13 +131,11 @@ def export_model(checkpoint: Path, weights_dir: Path, family: str, quality: int,
     if target.exists():
         raise FileExistsError(f"{target} exists: released weights never change; "
                               "export under a new model id instead")
-    if (weights_dir / MANIFEST).exists():
-        released = json.loads((weights_dir / MANIFEST).read_text()).get("models", {})
-        taken = sorted(set(released.get(family, {})) & {str(q) for q in range(quality,
-                                                                                 last + 1)})
-        if taken:
-            raise FileExistsError(f"{family} quality {', '.join(taken)} is already released: "
-                                  "released weights never change")
+    taken = sorted(set(released_in(weights_dir).get(family, {}))
+                   & {str(q) for q in range(quality, last + 1)})
+    if taken:
+        raise FileExistsError(f"{family} quality {', '.join(taken)} is already released: "
+                              "released weights never change")
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     cfg = state["model_config"]
     model = LiteMeanScaleHyperprior.from_config(cfg)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import json
 import tempfile
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from ..model_file import read_model_file, write_model_file
-from ..model_store import MANIFEST, ModelRef, load, register_model
+from ..model_store import ModelRef, load, register_model, released_in
 from ..network.model import Synthesis
 from ..network.release import network_from_release
 
@@ -293,12 +292,10 @@ def export_int8_model(parent: ModelRef, fine_tuned: Path, model: str, weights_di
     """Write ``parent``'s model file with its synthesis replaced by the int8 one in
     ``fine_tuned`` as model ``model`` into ``weights_dir``, and register every rung."""
     source = load(parent)
-    if source.meta.get("synthesis"):
+    if source.int8_synthesis:
         raise ValueError(f"{parent.model}'s synthesis is already int8: derive from "
                          f"{source.meta.get('parent')} instead")
-    released = json.loads((weights_dir / MANIFEST).read_text()).get("models", {}) if (
-        weights_dir / MANIFEST).exists() else {}
-    if model in released:
+    if model in released_in(weights_dir):
         raise FileExistsError(f"{model} is already released: released weights never change")
     qualities = sorted(source.rungs)
     target = weights_dir / f"{model}-q{qualities[0]}-{qualities[-1]}.dlwsi"
@@ -325,7 +322,11 @@ def export_int8_model(parent: ModelRef, fine_tuned: Path, model: str, weights_di
         scale_thresholds_fixed=source.scale_thresholds_fixed,
         y_tables=[(table.lo, table.freqs) for table in source.y_tables],
         rung_gains_fixed=dict(source.rungs))
-    read_model_file(target)  # what was written reads back
+    try:
+        read_model_file(target)  # what was written reads back
+    except ValueError:
+        target.unlink()
+        raise
     for quality in qualities:
         register_model(weights_dir, model, quality, target,
                        default_quality=quality == default_quality)
