@@ -14,6 +14,9 @@ conversion speed in megapixels (all levels) per second.
     python benchmarks/slides.py --jpeg-lattice auto off   # with and without the lattice
     python benchmarks/slides.py --slides aperio/CMU-1-Small-Region.svs --glass fill \\
         --target-ssim 0.95 --refine 100      # dlwsi also with latent refinement
+    python benchmarks/slides.py --slides aperio/CMU-1-Small-Region.svs --glass fill \\
+        --codecs jpegxl avif dlwsi --target-ssim 0.95 \\
+        --models he-mshl-v4 he-mshl-v3       # several dlwsi models in one run
 
 With ``--target-ssim S`` every codec converts with ``--target-ssim S`` (the quality
 chosen for level-0 tissue SSIM S as ``verify`` measures it) instead of its default
@@ -21,6 +24,8 @@ setting, so the codecs meet the same quality bar and the sizes compare directly.
 ``--jpeg-lattice auto off`` converts each combination with level 0's JPEG lattice filter
 (the converter's default for JPEG slides) and without it. ``--refine STEPS`` adds a dlwsi
 row converted with ``--refine STEPS`` beside the plain one (hours per slide on a CPU).
+``--models`` converts a dlwsi row with each of these model ids (default: the installed
+default model only).
 
 This is long on CPU (dlwsi encodes ~3 chunks/s/core); run it on a quiet machine.
 """
@@ -37,6 +42,8 @@ import time
 from pathlib import Path
 
 from report import finish, provenance, table
+
+from numcodecs_dlwsi.model_store import qualities
 
 REPO = Path(__file__).resolve().parents[1]
 SLIDES = REPO.parent / "shared" / "data" / "slides"
@@ -64,35 +71,53 @@ def cli(*args: object) -> list[str]:
     return [sys.executable, "-m", "ngff_convert", *map(str, args)]
 
 
-def label(codec: str, refine: int) -> str:
-    """A row's name: the codec, and ``rN`` when it was converted with ``--refine N``."""
-    return f"{codec} r{refine}" if refine else codec
+def label(codec: str, refine: int, model: str | None = None) -> str:
+    """A row's name: the codec, its model id when one was named, and ``rN`` when it was
+    converted with ``--refine N``."""
+    name = f"{codec} {model}" if model else codec
+    return f"{name} r{refine}" if refine else name
+
+
+def _variants(codecs: list[str], refine: int, models: list[str]) -> list[tuple]:
+    """(codec, refine steps, model id or None) for every row of one slide and glass mode."""
+    variants = []
+    for codec in codecs:
+        if codec != "dlwsi":
+            variants.append((codec, 0, None))
+            continue
+        for model in models or [None]:
+            variants.append((codec, 0, model))
+            if refine:
+                variants.append((codec, refine, model))
+    return variants
 
 
 def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers: int | None,
           workdir: Path, target_ssim: float | None = None,
-          lattices: tuple[str, ...] = ("auto",), refine: int = 0) -> list[dict]:
+          lattices: tuple[str, ...] = ("auto",), refine: int = 0,
+          models: list[str] | None = None) -> list[dict]:
     rows = []
-    variants = [(codec, 0) for codec in codecs]
-    if refine and "dlwsi" in codecs:
-        variants.insert(codecs.index("dlwsi") + 1, ("dlwsi", refine))
-    combinations = [(glass, codec, steps, lattice) for glass in glass_modes
-                    for lattice in lattices for codec, steps in variants]
+    combinations = [(glass, codec, steps, model, lattice) for glass in glass_modes
+                    for lattice in lattices
+                    for codec, steps, model in _variants(codecs, refine, models or [])]
     for rel in slides:
         src = SLIDES / rel
-        for glass, codec, steps, lattice in combinations:
-            store = workdir / f"{Path(rel).stem}-{codec}{steps or ''}-{glass}-{lattice}.zarr"
+        for glass, codec, steps, model, lattice in combinations:
+            name = f"{Path(rel).stem}-{codec}{steps or ''}{'-' + model if model else ''}"
+            store = workdir / f"{name}-{glass}-{lattice}.zarr"
             args = [src, store, "--codec", codec, "--glass", glass, "--overwrite",
                     "--no-progress", "--jpeg-lattice", lattice]
             if steps:
                 args += ["--refine", steps]
+            if model:
+                args += ["--model", model]
             if workers:
                 args += ["--workers", workers]
             if target_ssim is not None:
                 args += ["--target-ssim", target_ssim]
             conv, seconds, peak = run_measured(cli(*args))
             if conv.returncode != 0:
-                print(f"# {rel} {label(codec, steps)} {glass}: {conv.stderr.strip()}",
+                print(f"# {rel} {label(codec, steps, model)} {glass}: {conv.stderr.strip()}",
                       file=sys.stderr)
                 continue
             info = json.loads(subprocess.run(cli("info", store, "--json"), check=True,
@@ -103,7 +128,7 @@ def bench(slides: list[str], codecs: list[str], glass_modes: list[str], workers:
             level0 = ver["levels"][0]
             megapixels = sum(lv["shape"][1] * lv["shape"][2] for lv in info["levels"]) / 1e6
             rows.append({
-                "slide": rel, "codec": codec, "refine": steps, "glass": glass,
+                "slide": rel, "codec": codec, "refine": steps, "model": model, "glass": glass,
                 "jpeg_lattice": info.get("jpeg_lattice") if lattice == "auto" else "off",
                 "source_bytes": info["source_bytes"], "stored_bytes": info["stored_bytes"],
                 "objects": info["objects"],
@@ -142,7 +167,8 @@ def render(results: dict) -> str:
         # no tissue at all (an all-glass slide): the whole image's SSIM, marked *
         ssim = f"{r['ssim_all']:.4f}*" if r["ssim_tissue"] is None else f"{r['ssim_tissue']:.4f}"
         lines.append([
-            Path(r["slide"]).name, r["glass"], _lattice(r), label(r["codec"], r.get("refine", 0)),
+            Path(r["slide"]).name, r["glass"], _lattice(r),
+            label(r["codec"], r.get("refine", 0), r.get("model")),
             "" if r.get("chosen_quality") is None else r["chosen_quality"],
             f"{r['stored_bytes'] / 2**20:.3f}", f"{r['stored_bytes'] / r['source_bytes']:.1%}",
             f"{r['stored_bytes'] / ref:.1%}" if ref else "-", ssim,
@@ -177,16 +203,23 @@ def main() -> None:
                    help="the converter's --jpeg-lattice; several: each combination with each")
     p.add_argument("--refine", type=int, default=0, metavar="STEPS",
                    help="also convert with dlwsi --refine STEPS (latent refinement)")
+    p.add_argument("--models", nargs="+", default=None, metavar="ID",
+                   help="dlwsi model ids, a dlwsi row each (default: the installed default)")
     args = p.parse_args()
     if args.refine < 0:
         p.error("--refine must be 0 (off) or a number of steps")
+    if args.models and "dlwsi" not in args.codecs:
+        p.error("--models names dlwsi models, but --codecs leaves dlwsi out")
+    for model in args.models or []:
+        if not qualities(model):
+            p.error(f"--models: dlwsi model {model!r} is not installed")
     if not SLIDES.is_dir():
         sys.exit(f"slides not found at {SLIDES}")
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         rows = bench(args.slides, args.codecs, args.glass, args.workers, workdir,
-                     args.target_ssim, tuple(args.jpeg_lattice), args.refine)
+                     args.target_ssim, tuple(args.jpeg_lattice), args.refine, args.models)
     results = {**provenance("slides"), "target_ssim": args.target_ssim, "rows": rows}
     finish(results, args.json, render)
 

@@ -29,7 +29,7 @@ Modules, one concept each:
 
 from __future__ import annotations
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 class ConvertError(Exception):

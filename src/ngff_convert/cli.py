@@ -95,9 +95,9 @@ def convert_parser() -> argparse.ArgumentParser:
                         "nothing new). --target-ssim then tries rungs below its plain "
                         "choice refined, for the bytes. Default 0")
     p.add_argument("--model", default=None, metavar="ID",
-                   help="dlwsi model id (default: the installed default, he-mshl-v3). "
-                        "he-mshl-v3-int8 decodes about 1.4x faster on CPUs with int8 "
-                        "dot-product instructions (its rungs store v3's bits, decoded a "
+                   help="dlwsi model id (default: the installed default, he-mshl-v4). "
+                        "he-mshl-v4-int8 decodes about 1.4x faster on CPUs with int8 "
+                        "dot-product instructions (its rungs store v4's bits, decoded a "
                         "little less faithfully: about 2%% more bytes for the same SSIM)")
     p.add_argument("--ngff", choices=["0.5", "0.4"], default="0.5",
                    help="0.5: Zarr v3, sharded (default); 0.4: Zarr v2")

@@ -14,4 +14,4 @@ from .model_store import ModelNotAvailableError
 
 __all__ = ["FORMAT_VERSION", "ModelNotAvailableError", "decode", "decode_batch", "encode",
            "encode_batch"]
-__version__ = "0.3.0"
+__version__ = "0.4.0"
